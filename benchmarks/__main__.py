@@ -1,0 +1,69 @@
+"""Run the benchmarks, print markdown tables, write benchmarks/RESULTS.md (see README)."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import resource
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
+            "cores": os.cpu_count(), "torch threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def markdown(table: dict) -> str:
+    lines = [f"### {table['title']}", "", "| " + " | ".join(table["header"]) + " |",
+             "|" + "---|" * len(table["header"])]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table["rows"]]
+    lines += [""] + [f"- {note}" for note in table.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, short budgets (< 5 min on 2 cores)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--output", default=str(HERE / "RESULTS.md"), help="markdown file to write ('-': none)")
+    parser.add_argument("--images", default=str(HERE.parent / "docs" / "images"),
+                        help="folder for result images ('-': none)")
+    args = parser.parse_args(argv)
+    from . import fusion
+
+    info = machine()
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    images = None if args.images == "-" else Path(args.images)
+    tables = fusion.run(args.quick, args.device, images)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    body = "\n".join(markdown(t) for t in tables)
+    print(body)
+    print(f"peak RSS of the whole benchmark process: {peak_mb:.0f} MB")
+    if args.output != "-":
+        head = ["# napari-nir benchmark results", "",
+                f"Command: `python -m benchmarks{' --quick' if args.quick else ''} --device {args.device}`", "",
+                "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
+                f"Peak RSS of the benchmark process: {peak_mb:.0f} MB", ""]
+        Path(args.output).write_text("\n".join(head) + "\n" + body)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

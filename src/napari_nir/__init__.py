@@ -1,0 +1,14 @@
+"""napari-nir: neural image representations for multi-image fusion and layer separation.
+
+Public API (see DESIGN.md section 4)::
+
+    import napari_nir as nir
+    fit = nir.fuse(burst, "homography")      # burst: (T, H, W[, C]) array-like
+    fit.canonical(); fit.frames(); fit.homographies; fit.save("fit.npz"); nir.load("fit.npz")
+"""
+from ._version import __version__
+from .core.api import fuse
+from .core.fit import ProgressEvent
+from .core.result import FusionResult, load
+
+__all__ = ["__version__", "fuse", "load", "FusionResult", "ProgressEvent"]

@@ -1,0 +1,1 @@
+"""Pure numpy/torch core of napari-nir: no napari, Qt or magicgui imports here."""

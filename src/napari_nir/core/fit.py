@@ -1,0 +1,272 @@
+"""The optimisation loop: fit a canonical field and a motion model to a burst.
+
+``fit_steps`` is a generator of ``ProgressEvent``: the caller (API, CLI progress bar, napari thread worker)
+drives it and can stop at any ``yield`` (cancellation). Everything is seeded; on CPU a run is bit-identical
+for the same seed.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from dataclasses import field as dc_field
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import fields, motion as motion_models
+from .burst import Burst
+
+MOTIONS = ("homography",)
+PRESETS = ("fast", "paper")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Every knob of a fit; presets are instances of this. Recorded in every output's provenance."""
+
+    motion: str = "homography"
+    preset: str = "fast"
+    steps: int = 400
+    batch: int = 16384  # pixels per step, drawn uniformly over all frames; <= 0: H * W // -batch
+    field: str = "grid"  # "grid" | "siren"
+    field_options: dict = dc_field(default_factory=dict)
+    grid_density: float = 1.0  # finest grid cells per input pixel (1: robust to noise; 2: more detail)
+    motion_param: str = "lie"  # "lie" (direct sl(3) coefficients) | "mlp" (the paper's g(t))
+    lr_field: float = 0.02
+    lr_motion: float = 3e-3
+    lr_final_fraction: float = 0.1  # cosine decay of both learning rates down to this fraction
+    coarse_to_fine: float = 0.5  # fraction of the run over which finer levels fade in (0: all at once)
+    motion_warmup: float = 0.0  # fraction of the run with the motion frozen
+    loss: str = "l1"  # "l1" (robust to lighting changes and outliers in real bursts) | "mse" (the paper's)
+    exposure: bool = True  # learn a per-frame, per-channel gain and offset (real bursts change brightness)
+    value_range: tuple[float, float] = (0.0, 1.0)  # intensities the network sees (paper: [-1, 1])
+    init: str = "auto"  # "auto" | "features" | "identity"
+    working_size: int = 0  # fit on frames downscaled so the longer side is at most this (0: no limit)
+    preview_every: int = 50
+    seed: int = 0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["value_range"] = list(self.value_range)
+        return d
+
+
+def preset_config(motion: str, preset: str, **overrides) -> FitConfig:
+    """The configuration of ``preset`` ("fast" or "paper", DESIGN.md section 2) for ``motion``."""
+    if preset == "fast":
+        config = FitConfig(motion=motion, preset="fast", working_size=1024)
+    elif preset == "paper":
+        config = FitConfig(
+            motion=motion, preset="paper", steps=3000, batch=-4, field="siren",
+            field_options={"width": 256, "hidden_layers": 4, "omega0": 30.0}, motion_param="mlp",
+            lr_field=1e-4, lr_motion=1e-4, lr_final_fraction=1.0, coarse_to_fine=0.0, loss="mse",
+            value_range=(-1.0, 1.0), init="identity", working_size=512, exposure=False,
+        )
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass
+class ProgressEvent:
+    """One progress report. loss: training loss; psnr: reconstruction PSNR (dB, batch estimate);
+    seconds: wall time since the start; preview: (h, w[, C]) float32 working-range canonical view or None."""
+
+    step: int
+    total: int
+    loss: float
+    psnr: float
+    seconds: float
+    preview: np.ndarray | None = None
+    stage: str = "fit"
+
+
+class FusionModel(nn.Module):
+    """I_t(x) = gain_t * f(W_t(x)) + bias_t: canonical field, motion, optional per-frame exposure.
+
+    Coordinates are normalised (see motion.Normaliser). The exposure (per frame and channel) absorbs
+    brightness changes between real frames; its gauge is fixed like the motion's (mean log-gain 0, mean
+    bias 0), so the canonical view has the burst's average exposure.
+    """
+
+    def __init__(self, field_net: nn.Module, motion_net: nn.Module, normaliser: motion_models.Normaliser,
+                 domain: tuple[float, float, float, float], n_frames: int, channels: int, exposure: bool):
+        super().__init__()
+        self.field = field_net
+        self.motion = motion_net
+        self.normaliser = normaliser
+        self.domain = domain
+        self.exposure = exposure
+        if exposure:
+            self.log_gain = nn.Parameter(torch.zeros(n_frames, channels))
+            self.bias = nn.Parameter(torch.zeros(n_frames, channels))
+
+    def forward(self, frame_index: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+        values = self.field(self.motion(frame_index, xy).float())
+        if self.exposure:
+            log_gain = self.log_gain - self.log_gain.mean(0, keepdim=True)
+            bias = self.bias - self.bias.mean(0, keepdim=True)
+            values = values * torch.exp(log_gain[frame_index]) + bias[frame_index]
+        return values
+
+    def motion_parameters(self) -> list[nn.Parameter]:
+        extra = [self.log_gain, self.bias] if self.exposure else []
+        return list(self.motion.parameters()) + extra
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> CUDA, then MPS, then CPU. Explicit names are checked and explained when unavailable."""
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string such as 'auto', 'cpu' or 'cuda:0', got {type(device).__name__}")
+    name = device.strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but no CUDA GPU is available to torch; "
+                             "use device='auto' or 'cpu'")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) present "
+                             f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+        return dev
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise ValueError("device 'mps' requested but Apple MPS is not available; use device='auto' or 'cpu'")
+        return torch.device("mps")
+    raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
+def working_frames(burst: Burst, working_size: int) -> tuple[np.ndarray, float]:
+    """(T, h, w, C) float32 frames for fitting and the factor fit pixels / input pixels (<= 1)."""
+    longest = max(burst.H, burst.W)
+    if working_size <= 0 or longest <= working_size:
+        return burst.data, 1.0
+    from skimage.transform import resize
+
+    factor = working_size / longest
+    h, w = max(8, round(burst.H * factor)), max(8, round(burst.W * factor))
+    frames = np.stack([resize(f, (h, w), order=1, anti_aliasing=True) for f in burst.data]).astype(np.float32)
+    return frames, w / burst.W
+
+
+def initial_homographies(frames: np.ndarray, config: FitConfig, norm: motion_models.Normaliser) -> np.ndarray | None:
+    """(T, 3, 3) normalised frame -> canonical start homographies (gauge-centred), or None for identity."""
+    if config.init == "identity":
+        return None
+    pixel = motion_models.feature_homographies(frames, seed=config.seed)
+    if pixel is None:
+        if config.init == "features":
+            raise ValueError("feature-based initialisation failed: too few keypoint matches between consecutive "
+                             "frames; use init='identity' (small motions) or a burst with more texture/overlap")
+        return None
+    n = norm.matrix
+    normalised = np.einsum("ij,tjk,kl->til", n, pixel, np.linalg.inv(n))
+    return motion_models.centre_gauge(normalised)
+
+
+def frame_bounds(matrices: np.ndarray, norm: motion_models.Normaliser) -> tuple[float, float, float, float]:
+    """(xmin, xmax, ymin, ymax) of every frame's outline mapped by (T, 3, 3) normalised homographies."""
+    hx, hy = norm.half_extent()
+    corners = np.array([[-hx, -hy, 1], [hx, -hy, 1], [hx, hy, 1], [-hx, hy, 1]]).T
+    pts = np.einsum("tij,jk->tik", matrices, corners)
+    pts = pts[:, :2] / pts[:, 2:3]
+    return float(pts[:, 0].min()), float(pts[:, 0].max()), float(pts[:, 1].min()), float(pts[:, 1].max())
+
+
+def build_model(frames: np.ndarray, config: FitConfig, device: torch.device) -> FusionModel:
+    """The field and motion networks for (T, h, w, C) working frames, seeded by ``config.seed``.
+
+    The motion starts from features (when ``config.init`` allows and matching succeeds) or the identity;
+    the field's domain covers every frame's start outline plus room for the motion still to be learned.
+    """
+    t, h, w, c = frames.shape
+    norm = motion_models.Normaliser(h, w)
+    init = initial_homographies(frames, config, norm) if config.motion == "homography" else None
+    start = init if init is not None else np.repeat(np.eye(3)[None], t, 0)
+    xmin, xmax, ymin, ymax = frame_bounds(start, norm)
+    margin = 0.15 + (0.25 if init is None else 0.0)
+    domain = (xmin - margin, xmax + margin, ymin - margin, ymax + margin)
+    lo, hi = config.value_range
+    mean = frames.reshape(-1, c).mean(0) * (hi - lo) + lo
+    return make_model(config, (t, h, w, c), domain, init=init, mean=mean).to(device)
+
+
+def make_model(config: FitConfig, shape: tuple[int, int, int, int], domain, *, init=None, mean=None) -> FusionModel:
+    """Networks for working frames of ``shape`` (T, h, w, C) over a canonical ``domain``; seeded."""
+    t, h, w, c = shape
+    norm = motion_models.Normaliser(h, w)
+    torch.manual_seed(config.seed)
+    mean_t = None if mean is None else torch.as_tensor(np.asarray(mean), dtype=torch.float32)
+    if config.field == "grid":
+        options = {"finest": config.grid_density * norm.s, **config.field_options}
+        field_net = fields.GridField(c, tuple(domain), init_value=mean_t, **options)
+    elif config.field == "siren":
+        field_net = fields.Siren(2, c, init_value=mean_t, **config.field_options)
+    else:
+        raise ValueError(f"unknown field {config.field!r}; use 'grid' or 'siren'")
+    if config.motion_param == "lie":
+        motion_net = motion_models.LieHomography(t, init=init)
+    elif config.motion_param == "mlp":
+        motion_net = motion_models.MLPHomography(t, init=init)
+    else:
+        raise ValueError(f"unknown motion parameterisation {config.motion_param!r}; use 'lie' or 'mlp'")
+    return FusionModel(field_net, motion_net, norm, tuple(float(d) for d in domain), t, c, config.exposure)
+
+
+def fit_steps(model: FusionModel, frames: np.ndarray, config: FitConfig, device: torch.device):
+    """Generator: optimise ``model`` on (T, h, w, C) working frames, yielding ``ProgressEvent``s.
+
+    Stop early by closing the generator (or simply not resuming it): the model keeps its current state.
+    """
+    t, h, w, c = frames.shape
+    lo, hi = config.value_range
+    data = torch.as_tensor(frames, device=device).reshape(-1, c) * (hi - lo) + lo
+    norm = model.normaliser
+    batch = config.batch if config.batch > 0 else max(1024, (h * w) // -config.batch)
+    gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+    groups = model.field.param_groups(config.lr_field)
+    motion_params = model.motion_parameters()
+    groups.append({"params": motion_params, "lr": config.lr_motion})
+    optimiser = torch.optim.Adam(groups)
+    base_lrs = [g["lr"] for g in optimiser.param_groups]
+    warmup_steps = int(config.motion_warmup * config.steps)
+    start = time.perf_counter()
+    loss_fn = torch.nn.functional.l1_loss if config.loss == "l1" else torch.nn.functional.mse_loss
+    mse_to_unit = 1.0 / (hi - lo) ** 2
+    for step in range(1, config.steps + 1):
+        progress = (step - 1) / max(config.steps - 1, 1)
+        decay = config.lr_final_fraction + (1 - config.lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+        for g, base in zip(optimiser.param_groups, base_lrs):
+            g["lr"] = base * decay
+        optimiser.param_groups[-1]["lr"] = 0.0 if step <= warmup_steps else base_lrs[-1] * decay
+        model.field.set_progress(progress, config.coarse_to_fine)
+        flat = torch.randint(t * h * w, (batch,), generator=gen).to(device)
+        frame_index = flat // (h * w)
+        pix = flat % (h * w)
+        xy = torch.stack([((pix % w).float() - norm.cx) / norm.s, ((pix // w).float() - norm.cy) / norm.s], 1)
+        pred = model(frame_index, xy)
+        target = data[flat]
+        loss = loss_fn(pred, target)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        # yield every step: a consumer cancels by not resuming, so the latency is one step
+        with torch.no_grad():
+            mse = torch.mean((pred.detach() - target) ** 2).item() * mse_to_unit
+        psnr = -10 * math.log10(max(mse, 1e-12))
+        preview = None
+        if config.preview_every and (step % config.preview_every == 0 or step == config.steps):
+            from .render import preview_canonical
+
+            preview = preview_canonical(model, config, device)
+        yield ProgressEvent(step, config.steps, float(loss.item()), psnr, time.perf_counter() - start, preview)

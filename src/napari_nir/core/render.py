@@ -1,0 +1,130 @@
+"""Rendering a fitted model: per-frame reconstructions, the canonical view, alignment.
+
+All rendering is chunked (``CHUNK`` points at a time, no autograd) so that memory is bounded by the output,
+not by a full coordinate grid.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .motion import Normaliser, apply_homography
+
+CHUNK = 1 << 17  # points per forward pass when rendering
+
+
+def _to_unit(values: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
+    lo, hi = value_range
+    return (values - lo) / (hi - lo)
+
+
+@torch.no_grad()
+def render_points(model, frame_index: int | None, xy: np.ndarray | torch.Tensor, value_range, device) -> np.ndarray:
+    """Evaluate the model at (N, 2) normalised coordinates -> (N, C) float32 in [0, 1] working units.
+
+    frame_index None: ``xy`` are canonical coordinates (field only); otherwise frame coordinates of that frame.
+    """
+    xy = torch.as_tensor(xy, dtype=torch.float32)
+    out = []
+    for start in range(0, len(xy), CHUNK):
+        chunk = xy[start:start + CHUNK].to(device)
+        if frame_index is None:
+            values = model.field(chunk)
+        else:
+            values = model(torch.full((len(chunk),), frame_index, dtype=torch.long, device=device), chunk)
+        out.append(_to_unit(values, value_range).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def pixel_grid(height: int, width: int, norm: Normaliser, scale: float = 1.0) -> np.ndarray:
+    """(height*scale * width*scale, 2) normalised coordinates of a frame's pixel centres sampled ``scale`` x finer."""
+    rows = max(1, round(height * scale))
+    cols = max(1, round(width * scale))
+    c = (np.arange(cols) + 0.5) / (cols / width) - 0.5
+    r = (np.arange(rows) + 0.5) / (rows / height) - 0.5
+    x = (c - norm.cx) / norm.s
+    y = (r - norm.cy) / norm.s
+    xx, yy = np.meshgrid(x, y)
+    return np.stack([xx.ravel(), yy.ravel()], 1).astype(np.float32)
+
+
+def render_frame(model, t: int, height: int, width: int, value_range, device, scale: float = 1.0) -> np.ndarray:
+    """Frame t's reconstruction at (height, width) pixels (times ``scale``): (h, w, C) float32 working units."""
+    norm = Normaliser(height, width)
+    xy = pixel_grid(height, width, norm, scale)
+    rows, cols = max(1, round(height * scale)), max(1, round(width * scale))
+    return render_points(model, t, xy, value_range, device).reshape(rows, cols, -1)
+
+
+def union_bounds(matrices: np.ndarray, norm: Normaliser, domain) -> tuple[float, float, float, float]:
+    """Normalised (xmin, xmax, ymin, ymax) covering every frame's outline, clipped to the field's domain."""
+    from .fit import frame_bounds
+
+    xmin, xmax, ymin, ymax = frame_bounds(matrices, norm)
+    dx0, dx1, dy0, dy1 = domain
+    return max(xmin, dx0), min(xmax, dx1), max(ymin, dy0), min(ymax, dy1)
+
+
+def canonical_grid(matrices: np.ndarray, norm: Normaliser, domain, extent: str, scale: float):
+    """The canonical view's sampling: (to_normalised 3x3 for its pixels, (rows, cols)).
+
+    extent "union": a grid of the input's pixel size / scale covering all frames; "first": frame 0's pixels.
+    """
+    if extent == "first":
+        rows, cols = max(1, round(norm.height * scale)), max(1, round(norm.width * scale))
+        # output pixel (c, r) -> frame-0 pixel ((c + .5) / k - .5) -> frame-0 normalised -> canonical
+        k_c, k_r = cols / norm.width, rows / norm.height
+        sub = np.array([[1 / k_c, 0, 0.5 / k_c - 0.5], [0, 1 / k_r, 0.5 / k_r - 0.5], [0, 0, 1.0]])
+        return matrices[0] @ norm.matrix @ sub, (rows, cols)
+    xmin, xmax, ymin, ymax = union_bounds(matrices, norm, domain)
+    step = 1.0 / (norm.s * scale)  # normalised units per output pixel
+    cols = max(1, int(math.ceil((xmax - xmin) / step - 1e-6)))
+    rows = max(1, int(math.ceil((ymax - ymin) / step - 1e-6)))
+    to_norm = np.array([[step, 0, xmin + step / 2], [0, step, ymin + step / 2], [0, 0, 1.0]])
+    return to_norm, (rows, cols)
+
+
+@torch.no_grad()
+def render_canonical(model, matrices: np.ndarray, norm: Normaliser, value_range, device, *, extent="union",
+                     scale=1.0, fill=0.0, max_pixels=1 << 26) -> np.ndarray:
+    """The canonical view (rows, cols, C) float32 in working units; pixels no frame saw are ``fill``.
+
+    matrices: (T, 3, 3) normalised frame -> canonical homographies; norm: normaliser of the input frames.
+    Rendered in row bands so memory stays proportional to the output.
+    """
+    to_norm, (rows, cols) = canonical_grid(matrices, norm, model.domain, extent, scale)
+    if rows * cols > max_pixels:
+        raise ValueError(f"canonical view of {rows}x{cols} pixels is too large (limit {max_pixels} pixels); "
+                         f"use a smaller scale (e.g. scale={scale * math.sqrt(max_pixels / (rows * cols)):.2f})")
+    inverse = torch.as_tensor(np.linalg.inv(matrices), dtype=torch.float64)
+    hx, hy = norm.half_extent()
+    band = max(1, CHUNK // cols)
+    out = None
+    for r0 in range(0, rows, band):
+        r1 = min(rows, r0 + band)
+        cc, rr = np.meshgrid(np.arange(cols, dtype=np.float64), np.arange(r0, r1, dtype=np.float64))
+        pts = np.stack([cc.ravel(), rr.ravel(), np.ones(cc.size)], 0)
+        xyh = to_norm @ pts
+        xy = torch.as_tensor((xyh[:2] / xyh[2]).T)
+        values = render_points(model, None, xy, value_range, device)
+        if extent == "union":
+            covered = np.zeros(len(values), dtype=bool)
+            for inv in inverse:
+                fx = apply_homography(inv[None], torch.zeros(len(xy), dtype=torch.long), xy).numpy()
+                covered |= (np.abs(fx[:, 0]) <= hx) & (np.abs(fx[:, 1]) <= hy)
+            values[~covered] = fill
+        if out is None:
+            out = np.empty((rows, cols, values.shape[1]), dtype=np.float32)
+        out[r0:r1] = values.reshape(r1 - r0, cols, -1)
+    return out
+
+
+@torch.no_grad()
+def preview_canonical(model, config, device, max_side: int = 192) -> np.ndarray:
+    """A small canonical view (union extent) in [0, 1] working units for live previews."""
+    norm = model.normaliser
+    matrices = model.motion.matrices().detach().cpu().numpy()
+    scale = min(1.0, max_side / max(norm.height, norm.width))
+    return render_canonical(model, matrices, norm, config.value_range, device, extent="union", scale=scale)

@@ -1,0 +1,218 @@
+"""Result objects: what ``napari_nir.fuse`` returns, and their safe save/load.
+
+The save format is a NumPy ``.npz`` archive of plain numeric arrays plus one JSON document; it is read with
+``allow_pickle=False``, so loading a file can never execute code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+import torch
+
+from .._version import __version__
+from . import render
+from .burst import Burst
+from .fit import FitConfig, make_model
+from .motion import Normaliser
+
+FORMAT = "napari-nir-result"
+FORMAT_VERSION = 1
+
+
+class FusionResult:
+    """A fitted burst: canonical field + motion. Arrays come back in the burst's layout, units and dtype.
+
+    Attributes: ``history`` (list of dicts: step, seconds, loss, psnr), ``config`` (FitConfig),
+    ``final_psnr`` (dB, all frames re-rendered against the working input; None after load).
+    """
+
+    def __init__(self, model, burst: Burst, config: FitConfig, history: list[dict], device: torch.device,
+                 final_psnr: float | None = None, seconds: float | None = None, completed: bool = True):
+        self._model = model.eval()
+        self._burst = burst
+        self.config = config
+        self.history = history
+        self._device = device
+        self.final_psnr = final_psnr
+        self.seconds = seconds
+        self.completed = completed
+        self._input_norm = Normaliser(burst.H, burst.W)
+
+    # -- geometry ---------------------------------------------------------------------------------
+    @property
+    def motion(self) -> str:
+        return self.config.motion
+
+    def _normalised_matrices(self) -> np.ndarray:
+        with torch.no_grad():
+            return self._model.motion.matrices().detach().cpu().numpy().astype(np.float64)
+
+    def canonical_transform(self, extent: str = "union", scale: float = 1.0) -> np.ndarray:
+        """3x3 map from pixels of ``canonical(extent, scale)`` (col, row, 1) to normalised canonical coordinates."""
+        to_norm, _ = render.canonical_grid(self._normalised_matrices(), self._input_norm, self._model.domain,
+                                           _check_extent(extent), _check_scale(scale))
+        return to_norm
+
+    @property
+    def homographies(self) -> np.ndarray:
+        """(T, 3, 3) float64: frame-t pixel (col, row, 1) -> pixel of ``canonical(extent="union", scale=1)``."""
+        to_union = np.linalg.inv(self.canonical_transform("union", 1.0))
+        h = np.einsum("ij,tjk,kl->til", to_union, self._normalised_matrices(), self._input_norm.matrix)
+        return h / h[:, 2:3, 2:3]
+
+    def frame_to_frame(self, t: int, s: int) -> np.ndarray:
+        """3x3 homography mapping frame-t pixels to frame-s pixels."""
+        h = self.homographies
+        m = np.linalg.inv(h[s]) @ h[t]
+        return m / m[2, 2]
+
+    def outlines(self, extent: str = "union", scale: float = 1.0) -> np.ndarray:
+        """(T, 4, 2) every frame's corners as (row, col) pixels of ``canonical(extent, scale)`` (napari order)."""
+        to_out = np.linalg.inv(self.canonical_transform(extent, scale))
+        n = self._input_norm
+        hx, hy = n.half_extent()
+        corners = np.array([[-hx, -hy, 1], [hx, -hy, 1], [hx, hy, 1], [-hx, hy, 1]]).T
+        pts = np.einsum("ij,tjk,kl->til", to_out, self._normalised_matrices(), corners)
+        pts = pts[:, :2] / pts[:, 2:3]
+        return np.stack([pts[:, 1], pts[:, 0]], -1)
+
+    # -- rendering --------------------------------------------------------------------------------
+    def frames(self, *, dtype: str = "input") -> np.ndarray:
+        """(T, H, W[, C]) per-frame reconstructions in the burst's layout, units and dtype (or "float32")."""
+        b = self._burst
+        out = np.empty((b.T, b.H, b.W, b.C), dtype=np.float32)
+        for t in range(b.T):
+            out[t] = render.render_frame(self._model, t, b.H, b.W, self.config.value_range, self._device)
+        return b.restore(out, dtype=dtype)
+
+    def canonical(self, extent: str = "union", scale: float = 1.0, *, dtype: str = "input") -> np.ndarray:
+        """The fused view (H', W'[, C]).
+
+        extent "union": covers every frame (a panorama when the frames move a lot; pixels no frame saw are
+        the burst's minimum); "first": frame 0's field of view. scale: output pixels per input pixel
+        (2 = burst super-resolution).
+        """
+        extent, scale = _check_extent(extent), _check_scale(scale)
+        view = render.render_canonical(self._model, self._normalised_matrices(), self._input_norm,
+                                       self.config.value_range, self._device, extent=extent, scale=scale)
+        return self._burst.restore(view, dtype=dtype)
+
+    def flow(self) -> np.ndarray:
+        raise NotImplementedError("flow() is available for motion='flow' or 'occlusion'; this result used "
+                                  f"motion={self.motion!r}: use .homographies")
+
+    # -- provenance and files ---------------------------------------------------------------------
+    def provenance(self) -> dict:
+        """JSON-able record of how this result was made (re-running with it reproduces the result)."""
+        b = self._burst
+        return {
+            "software": "napari-nir",
+            "version": __version__,
+            "task": "fuse",
+            "parameters": self.config.to_dict(),
+            "seed": self.config.seed,
+            "device": str(self._device),
+            "input": {"shape": [b.T, b.H, b.W] + ([b.C] if b.layout == "THWC" else []), "dtype": str(b.dtype),
+                      "layout": b.layout},
+            "final_psnr_db": None if self.final_psnr is None else round(float(self.final_psnr), 4),
+            "seconds": None if self.seconds is None else round(float(self.seconds), 3),
+            "steps_run": self.history[-1]["step"] if self.history else 0,
+            "completed": self.completed,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write this result to ``path`` (.npz: numeric arrays + JSON, never pickle). Atomic."""
+        b = self._burst
+        meta = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "provenance": self.provenance(),
+            "config": self.config.to_dict(), "history": self.history, "domain": list(self._model.domain),
+            "working_shape": list(self._working_shape()),
+            "burst": {"T": b.T, "H": b.H, "W": b.W, "C": b.C, "layout": b.layout, "dtype": np.dtype(b.dtype).str,
+                      "lo": b.lo.tolist(), "scale": b.scale.tolist(),
+                      "lo_exact": None if b.lo_exact is None else [int(v) for v in b.lo_exact]},
+            "final_psnr": self.final_psnr, "seconds": self.seconds, "completed": self.completed,
+        }
+        arrays = {f"param:{k}": v.detach().cpu().numpy() for k, v in self._model.state_dict().items()}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".nir-", suffix=".npz.part", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def _working_shape(self) -> tuple[int, int, int, int]:
+        n = self._model.normaliser
+        return (self._burst.T, n.height, n.width, self._burst.C)
+
+    def __repr__(self) -> str:
+        b = self._burst
+        psnr = "?" if self.final_psnr is None else f"{self.final_psnr:.2f} dB"
+        return (f"<FusionResult motion={self.motion!r} preset={self.config.preset!r} frames={b.T} "
+                f"size={b.H}x{b.W} channels={b.C} psnr={psnr}>")
+
+
+def _check_extent(extent: str) -> str:
+    if extent not in ("union", "first"):
+        raise ValueError(f"unknown extent {extent!r}; use 'union' (covers every frame) or 'first' (frame 0's view)")
+    return extent
+
+
+def _check_scale(scale: float) -> float:
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"scale must be a number such as 1.0 or 2.0, got {scale!r}") from None
+    if not np.isfinite(value) or value <= 0 or value > 16:
+        raise ValueError(f"scale must be > 0 and <= 16 (output pixels per input pixel), got {scale!r}")
+    return value
+
+
+def load(path: str | os.PathLike, *, device: str = "cpu") -> FusionResult:
+    """Read a result written by ``save``. Never unpickles; a damaged or foreign file raises ValueError."""
+    from .fit import resolve_device
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such result file: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{path} is not a readable napari-nir result ({exc}); it may be truncated or not a "
+                         "file written by FusionResult.save") from None
+    if "meta" not in arrays or arrays["meta"].dtype != np.uint8:
+        raise ValueError(f"{path} is not a napari-nir result: its metadata record is missing")
+    try:
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: metadata is corrupt ({exc})") from None
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported format {meta.get('format')!r} version {meta.get('format_version')!r}")
+    try:
+        cfg = dict(meta["config"])
+        cfg["value_range"] = tuple(cfg["value_range"])
+        config = FitConfig(**cfg)
+        b = meta["burst"]
+        dev = resolve_device(device)
+        model = make_model(config, tuple(meta["working_shape"]), meta["domain"])
+        state = {k[len("param:"):]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith("param:")}
+        model.load_state_dict(state, strict=True)
+        burst = Burst(data=np.broadcast_to(np.float32(0), (b["T"], b["H"], b["W"], b["C"])), layout=b["layout"],
+                      dtype=np.dtype(b["dtype"]), lo=np.asarray(b["lo"], dtype=np.float64),
+                      scale=np.asarray(b["scale"], dtype=np.float64),
+                      lo_exact=None if b.get("lo_exact") is None else tuple(int(v) for v in b["lo_exact"]))
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"{path}: result file is inconsistent or edited ({type(exc).__name__}: {exc})") from None
+    return FusionResult(model.to(dev), burst, config, meta.get("history", []), dev,
+                        final_psnr=meta.get("final_psnr"), seconds=meta.get("seconds"),
+                        completed=meta.get("completed", True))

@@ -1,0 +1,62 @@
+"""Homography motion models, the gauge, and the feature-based start."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.linalg import expm
+
+from napari_nir._sample_data import corner_error, homography_burst
+from napari_nir.core import motion
+
+
+def test_normaliser_is_isotropic_and_centred():
+    n = motion.Normaliser(100, 200)
+    m = n.matrix
+    assert np.allclose(m @ [99.5, 49.5, 1], [0, 0, 1])
+    assert np.allclose(m @ [199.5, 49.5, 1], [1, 0, 1])  # longer side spans [-1, 1] (to pixel edges)
+    assert n.half_extent() == (1.0, 0.5)
+
+
+def test_lie_homography_gauge_has_zero_mean_log():
+    model = motion.LieHomography(4)
+    assert torch.allclose(model.matrices(), torch.eye(3, dtype=torch.float64).expand(4, 3, 3))
+    with torch.no_grad():
+        model.coeffs.normal_(0, 0.1)
+    mats = model.matrices().detach().numpy()
+    assert np.abs(motion.algebra_coefficients(mats).mean(0)).max() < 1e-8
+
+
+def test_algebra_round_trip_and_centre_gauge():
+    rng = np.random.default_rng(0)
+    gens = motion._sl3_generators().numpy()
+    coeffs = rng.normal(0, 0.05, (5, 8))
+    mats = np.stack([expm(np.einsum("i,ijk->jk", c, gens)) for c in coeffs])
+    np.testing.assert_allclose(motion.algebra_coefficients(mats), coeffs, atol=1e-8)
+    other = rng.normal(0, 0.1, 8)
+    shifted = np.einsum("ij,tjk->tik", expm(np.einsum("i,ijk->jk", other, gens)), mats)
+    centred = motion.centre_gauge(shifted)
+    assert np.abs(motion.algebra_coefficients(centred).mean(0)).max() < 1e-7
+    # the gauge changes only the common frame: frame-to-frame maps are unchanged
+    a = np.linalg.inv(centred[1]) @ centred[0]
+    b = np.linalg.inv(shifted[1]) @ shifted[0]
+    np.testing.assert_allclose(a / a[2, 2], b / b[2, 2], atol=1e-8)
+
+
+def test_apply_homography_matches_matrix_product():
+    m = torch.tensor([[[1.1, 0.1, 0.2], [-0.05, 0.9, 0.1], [0.02, -0.01, 1.0]]], dtype=torch.float64)
+    xy = torch.rand(10, 2, dtype=torch.float64)
+    out = motion.apply_homography(m, torch.zeros(10, dtype=torch.long), xy)
+    h = (m[0] @ torch.cat([xy, torch.ones(10, 1, dtype=torch.float64)], 1).T).T
+    torch.testing.assert_close(out, h[:, :2] / h[:, 2:])
+
+
+def test_feature_homographies_recover_ground_truth():
+    sample = homography_burst(4, (192, 192), seed=4)
+    pixel = motion.feature_homographies(sample.frames)
+    assert pixel is not None
+    errors = corner_error(pixel, sample.homographies, (192, 192))
+    assert np.median(errors) < 1.0, errors
+
+
+def test_feature_homographies_give_up_on_texture_free_frames():
+    assert motion.feature_homographies(np.zeros((3, 64, 64), np.float32)) is None
