@@ -7,8 +7,8 @@ Public API (see DESIGN.md section 4)::
     fit.canonical(); fit.frames(); fit.homographies; fit.save("fit.npz"); nir.load("fit.npz")
 """
 from ._version import __version__
-from .core.api import fuse
+from .core.api import FusionJob, fuse
 from .core.fit import ProgressEvent
 from .core.result import FusionResult, load
 
-__all__ = ["__version__", "fuse", "load", "FusionResult", "ProgressEvent"]
+__all__ = ["__version__", "fuse", "FusionJob", "load", "FusionResult", "ProgressEvent"]

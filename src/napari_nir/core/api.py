@@ -47,41 +47,74 @@ def fuse(
     options: any other ``FitConfig`` field (e.g. batch, init="identity", working_size, preview_every).
     Never modifies ``burst``.
     """
-    if motion not in MOTIONS:
-        raise ValueError(f"unknown motion {motion!r}; choose one of {', '.join(MOTIONS)}")
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    steps = _check_int("steps", steps, 1)
-    seed = _check_int("seed", seed, 0)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable (called with each progress event) or None, got {callback!r}")
-    from .fit import FitConfig
+    job = FusionJob(burst, motion, preset=preset, steps=steps, device=device, seed=seed, **options)
+    for event in job.run():
+        if callback is not None and callback(event) is False:
+            job.stop()
+    return job.result()
 
-    unknown = set(options) - set(FitConfig.__dataclass_fields__) - {"preset", "motion"}
-    if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}; valid: "
-                        f"{', '.join(sorted(FitConfig.__dataclass_fields__))}")
-    dev = resolve_device(device)
-    data = prepare_burst(burst)
-    config = preset_config(motion, preset, steps=steps, seed=seed, device=str(dev), **options)
-    if callback is None or config.preview_every <= 0:
-        pass
-    frames, _ = working_frames(data, config.working_size)
-    start = time.perf_counter()
-    history: list[dict] = []
-    completed = True
-    with cpu_fit_settings(dev):
-        model = build_model(frames, config, dev)
-        for event in fit_steps(model, frames, config, dev):
-            history.append({"step": event.step, "seconds": round(event.seconds, 4), "loss": event.loss,
-                            "psnr": event.psnr})
-            if callback is not None and callback(event) is False:
-                completed = False
-                break
-    seconds = time.perf_counter() - start
-    result = FusionResult(model, data, config, history, dev, seconds=seconds, completed=completed)
-    result.final_psnr = reconstruction_psnr(result)
-    return result
+
+class FusionJob:
+    """A fusion run split into validation (here, eagerly), a generator of progress events, and the result.
+
+    For callers that drive the loop themselves (napari thread workers, progress bars)::
+
+        job = FusionJob(burst, "homography")     # raises ValueError/TypeError on bad input, at once
+        for event in job.run(): ...              # ProgressEvent per step; job.stop() ends it after this step
+        fit = job.result()                       # FusionResult (completed=False when stopped early)
+    """
+
+    def __init__(self, burst, motion: str = "homography", *, preset: str = "fast", steps: int | None = None,
+                 device: str = "auto", seed: int = 0, **options):
+        from .fit import FitConfig
+
+        if motion not in MOTIONS:
+            raise ValueError(f"unknown motion {motion!r}; choose one of {', '.join(MOTIONS)}")
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        steps = _check_int("steps", steps, 1)
+        seed = _check_int("seed", seed, 0)
+        unknown = set(options) - set(FitConfig.__dataclass_fields__) - {"preset", "motion"}
+        if unknown:
+            raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}; valid: "
+                            f"{', '.join(sorted(FitConfig.__dataclass_fields__))}")
+        self.device = resolve_device(device)
+        self.burst = prepare_burst(burst)
+        self.config = preset_config(motion, preset, steps=steps, seed=seed, device=str(self.device), **options)
+        self.history: list[dict] = []
+        self.model = None
+        self._stop = False
+        self._seconds = 0.0
+
+    def stop(self) -> None:
+        """Ask the run to end after the current step (thread-safe: a flag read between steps)."""
+        self._stop = True
+
+    def run(self):
+        """Generator of ``ProgressEvent``: builds the model (feature start included) and optimises it."""
+        frames, _ = working_frames(self.burst, self.config.working_size)
+        start = time.perf_counter()
+        with cpu_fit_settings(self.device):
+            self.model = build_model(frames, self.config, self.device)
+            for event in fit_steps(self.model, frames, self.config, self.device):
+                self.history.append({"step": event.step, "seconds": round(event.seconds, 4), "loss": event.loss,
+                                     "psnr": event.psnr})
+                self._seconds = time.perf_counter() - start
+                yield event
+                if self._stop:
+                    break
+
+    def result(self) -> FusionResult:
+        """The fitted result (call after ``run`` finished or was stopped)."""
+        if self.model is None:
+            raise RuntimeError("the fit has not started: iterate over job.run() first")
+        completed = bool(self.history) and self.history[-1]["step"] == self.config.steps
+        result = FusionResult(self.model, self.burst, self.config, list(self.history), self.device,
+                              seconds=self._seconds, completed=completed)
+        result.final_psnr = reconstruction_psnr(result)
+        return result
 
 
 @contextlib.contextmanager
