@@ -153,3 +153,127 @@ def corner_error(estimated: np.ndarray, truth: np.ndarray, shape: tuple[int, int
             d = pe[:2] / pe[2] - pt[:2] / pt[2]
             errors.append(np.sqrt((d**2).sum(0)).mean())
     return np.asarray(errors)
+
+
+# -- flow samples ------------------------------------------------------------------------------------
+def _smooth_displacements(n_frames: int, shape: tuple[int, int], max_px: float, rng: np.random.Generator):
+    """Random smooth displacement fields as a callable (t, cols, rows) -> (d_col, d_row) in pixels.
+
+    Each frame's field is a sum of 4 low-frequency plane waves (at most ~1.5 cycles across the frame),
+    scaled so that the largest displacement over the burst is ``max_px``.
+    """
+    h, w = shape
+    waves = 4
+    freq = rng.uniform(-1.5, 1.5, (n_frames, waves, 2)) / np.array([w, h])
+    phase = rng.uniform(0, 2 * np.pi, (n_frames, waves))
+    amp = rng.normal(0, 1, (n_frames, waves, 2))
+
+    def raw(t, cols, rows):
+        arg = 2 * np.pi * (freq[t, :, 0, None] * cols.ravel() + freq[t, :, 1, None] * rows.ravel()) + phase[t, :, None]
+        d = np.einsum("kc,kn->cn", amp[t], np.sin(arg))
+        return d[0].reshape(cols.shape), d[1].reshape(cols.shape)
+
+    rr, cc = np.mgrid[0:h:4, 0:w:4].astype(float)
+    peak = max(np.sqrt(sum(v**2 for v in raw(t, cc, rr))).max() for t in range(n_frames))
+    k = max_px / peak
+    return lambda t, cols, rows: tuple(k * v for v in raw(t, cols, rows))
+
+
+def _render_warped(source, shape, to_world, margin=1.4, supersample=2):
+    """Render a frame whose pixel (col, row) sees world pixel ``to_world(cols, rows)``; anti-aliased."""
+    from skimage.transform import warp
+
+    h, w = shape
+    sh, sw = source.shape[:2]
+    zoom = min(sh / h, sw / w) / margin
+    k = supersample
+
+    def inverse_map(coords):  # hi-res output (col, row) -> source (col, row)
+        cols = (coords[:, 0] + 0.5) / k - 0.5
+        rows = (coords[:, 1] + 0.5) / k - 0.5
+        wc, wr = to_world(cols, rows)
+        return np.stack([zoom * (wc - (w - 1) / 2) + (sw - 1) / 2, zoom * (wr - (h - 1) / 2) + (sh - 1) / 2], 1)
+
+    hires = warp(source, inverse_map, output_shape=(h * k, w * k), order=3, mode="reflect")
+    return np.clip(hires.reshape(h, k, w, k, *source.shape[2:]).mean(axis=(1, 3)), 0, 1).astype(np.float32)
+
+
+def flow_burst(n_frames: int = 7, shape: tuple[int, int] = (256, 256), *, image: str = "astronaut",
+               max_displacement: float = 8.0, noise: float = 0.0, seed: int = 0) -> SampleBurst:
+    """A real photograph under smooth random non-rigid warps (no global motion beyond them).
+
+    Ground truth in ``extra``: "displacement" (T, H, W, 2) frame -> world (d_row, d_col) pixels, and
+    ``flow_between(t, s)`` in ``extra["flow_between"]``: (H, W, 2) true optical flow t -> s.
+    """
+    rng = np.random.default_rng(seed)
+    source = source_image(image)
+    field = _smooth_displacements(n_frames, shape, max_displacement, rng)
+    h, w = shape
+    rows, cols = np.mgrid[0:h, 0:w].astype(float)
+    clean, disp = [], []
+    for t in range(n_frames):
+        clean.append(_render_warped(source, shape, lambda c, r, t=t: tuple(a + b for a, b in zip((c, r), field(t, c, r)))))
+        dc, dr = field(t, cols, rows)
+        disp.append(np.stack([dr, dc], -1))
+    clean = np.stack(clean)
+    frames = clean + rng.normal(0, noise, clean.shape).astype(np.float32) if noise > 0 else clean.copy()
+
+    def flow_between(t: int, s: int, iterations: int = 30) -> np.ndarray:
+        """True flow t -> s: solve x_s + D_s(x_s) = x + D_t(x) by fixed-point iteration."""
+        dc, dr = field(t, cols, rows)
+        pc, pr = cols + dc, rows + dr
+        xc, xr = pc.copy(), pr.copy()
+        for _ in range(iterations):
+            sc, sr = field(s, xc, xr)
+            xc, xr = pc - sc, pr - sr
+        return np.stack([xr - rows, xc - cols], -1).astype(np.float32)
+
+    world = _render_warped(source, shape, lambda c, r: (c, r))
+    return SampleBurst(frames=frames, clean=clean, homographies=np.repeat(np.eye(3)[None], n_frames, 0),
+                       world=world, name=f"{image} non-rigid burst",
+                       extra={"displacement": np.stack(disp).astype(np.float32), "flow_between": flow_between,
+                              "noise": noise, "seed": seed})
+
+
+def occlusion_burst(n_frames: int = 7, shape: tuple[int, int] = (128, 128), *, background: str = "astronaut",
+                    foreground: str = "coffee", travel: float = 0.6, radius: float = 0.15,
+                    seed: int = 0) -> SampleBurst:
+    """A two-layer scene: a textured disk moving across a static background (occlusion and disocclusion).
+
+    ``travel``: the disk's path length as a fraction of the frame width; ``radius`` as a fraction of the
+    frame height. Ground truth in ``extra``: "alpha" (T, H, W) the disk's coverage per frame, "background"
+    (H, W, C) the full background, and "disoccluded" (T, H, W) bool: background pixels of frame t that the
+    disk hides in at least one other frame (what only an occlusion-aware model can reconstruct from the
+    other frames' point of view).
+    """
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    bg = _render_warped(source_image(background), shape, lambda c, r: (c, r))
+    fg_src = source_image(foreground)
+    fg = _render_warped(fg_src, shape, lambda c, r: (c, r), margin=2.5)
+    rows, cols = np.mgrid[0:h, 0:w].astype(float)
+    start = np.array([0.5 - travel / 2, 0.5]) * (w, h) + rng.uniform(-2, 2, 2)
+    frames, alphas = [], []
+    r_px = radius * h
+    for t in range(n_frames):
+        centre = start + np.array([travel * w * t / max(n_frames - 1, 1), 0])
+        # anti-aliased disk edge (1 px ramp); the disk's texture moves with it
+        dist = np.hypot(cols - centre[0], rows - centre[1])
+        alpha = np.clip(r_px + 0.5 - dist, 0, 1).astype(np.float32)
+        shift_c, shift_r = int(round(centre[0] - w / 2)), int(round(centre[1] - h / 2))
+        tex = np.roll(fg, (shift_r, shift_c), axis=(0, 1))
+        a = alpha[..., None] if bg.ndim == 3 else alpha
+        frames.append((1 - a) * bg + a * tex)
+        alphas.append(alpha)
+    frames = np.stack(frames).astype(np.float32)
+    alphas = np.stack(alphas)
+    covered = alphas > 0.5
+    disoccluded = np.stack([(~covered[t]) & np.delete(covered, t, 0).any(0) for t in range(n_frames)])
+    return SampleBurst(frames=frames, clean=frames.copy(), homographies=np.repeat(np.eye(3)[None], n_frames, 0),
+                       world=bg, name=f"{background} with a moving {foreground} disk",
+                       extra={"alpha": alphas, "background": bg, "disoccluded": disoccluded, "seed": seed})
+
+
+def endpoint_error(estimated: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(H, W) end-point error in pixels between two (H, W, 2) flow fields."""
+    return np.sqrt(((np.asarray(estimated, np.float64) - truth) ** 2).sum(-1))

@@ -31,7 +31,7 @@ class GridField(nn.Module):
     def __init__(
         self,
         out_channels: int,
-        domain: tuple[float, float, float, float],
+        domain: tuple[float, ...],
         *,
         levels: int = 8,
         coarsest: float = 4.0,
@@ -39,11 +39,16 @@ class GridField(nn.Module):
         features: int = 4,
         hidden: int = 64,
         init_value: torch.Tensor | None = None,
+        depth_cells: int = 0,
     ):
         super().__init__()
-        xmin, xmax, ymin, ymax = domain
-        self.register_buffer("lo", torch.tensor([xmin, ymin], dtype=torch.float32))
-        self.register_buffer("span", torch.tensor([xmax - xmin, ymax - ymin], dtype=torch.float32))
+        xmin, xmax, ymin, ymax = domain[:4]
+        # optional third axis (the occlusion model's w, in [-1, 1]) with a fixed, small number of cells
+        self.dims = 3 if depth_cells > 0 else 2
+        lo = [xmin, ymin] + ([-1.0] if self.dims == 3 else [])
+        span = [xmax - xmin, ymax - ymin] + ([2.0] if self.dims == 3 else [])
+        self.register_buffer("lo", torch.tensor(lo, dtype=torch.float32))
+        self.register_buffer("span", torch.tensor(span, dtype=torch.float32))
         self.levels = levels
         growth = (finest / coarsest) ** (1 / max(levels - 1, 1))
         self.grids = nn.ParameterList()
@@ -51,7 +56,8 @@ class GridField(nn.Module):
             density = coarsest * growth**level
             nx = max(2, int(math.ceil((xmax - xmin) * density)) + 1)
             ny = max(2, int(math.ceil((ymax - ymin) * density)) + 1)
-            self.grids.append(nn.Parameter(1e-4 * torch.randn(1, features, ny, nx)))
+            shape = (1, features, depth_cells + 1, ny, nx) if self.dims == 3 else (1, features, ny, nx)
+            self.grids.append(nn.Parameter(1e-4 * torch.randn(*shape)))
         width = levels * features
         if hidden > 0:
             self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, out_channels))
@@ -75,13 +81,8 @@ class GridField(nn.Module):
         self.level_weights.copy_(0.5 - 0.5 * torch.cos(math.pi * w))
 
     def encode(self, xy: torch.Tensor) -> torch.Tensor:
-        """(N, 2) coordinates -> (N, levels * features) weighted grid features."""
-        g = ((xy - self.lo) / self.span * 2 - 1).view(1, 1, -1, 2)
-        feats = []
-        for level, grid in enumerate(self.grids):
-            sampled = F.grid_sample(grid, g, mode="bilinear", padding_mode="border", align_corners=True)
-            feats.append(sampled[0, :, 0].t() * self.level_weights[level])
-        return torch.cat(feats, dim=1)
+        """(N, dims) coordinates -> (N, levels * features) weighted grid features."""
+        return sample_levels(self.grids, (xy - self.lo) / self.span * 2 - 1, self.level_weights)
 
     def forward(self, xy: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.encode(xy))
@@ -91,6 +92,20 @@ class GridField(nn.Module):
             {"params": list(self.grids.parameters()), "lr": lr},
             {"params": list(self.mlp.parameters()), "lr": lr * 0.5},
         ]
+
+
+def sample_levels(grids, unit: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Bilinear/trilinear samples of every grid at (N, 2|3) coordinates in [-1, 1] -> (N, sum of features).
+
+    2-D grids are (1, F, Ny, Nx), 3-D grids (1, F, Nz, Ny, Nx); coordinates in (x, y[, z]) order.
+    """
+    n, dims = unit.shape
+    g = unit.view(1, 1, n, dims) if dims == 2 else unit.view(1, 1, 1, n, dims)
+    feats = []
+    for level, grid in enumerate(grids):
+        sampled = F.grid_sample(grid, g, mode="bilinear", padding_mode="border", align_corners=True)
+        feats.append(sampled.reshape(grid.shape[1], n).t() * weights[level])
+    return torch.cat(feats, dim=1)
 
 
 class SineLayer(nn.Module):

@@ -18,7 +18,7 @@ from torch import nn
 from . import fields, motion as motion_models
 from .burst import Burst
 
-MOTIONS = ("homography",)
+MOTIONS = ("homography", "flow", "occlusion")
 PRESETS = ("fast", "paper")
 
 
@@ -41,6 +41,13 @@ class FitConfig:
     motion_warmup: float = 0.0  # fraction of the run with the motion frozen
     loss: str = "l1"  # "l1" (robust to lighting changes and outliers in real bursts) | "mse" (the paper's)
     exposure: bool = True  # learn a per-frame, per-channel gain and offset (real bursts change brightness)
+    flow_base: str = "homography"  # flow models: "homography" (flow on top of a global homography) | "none"
+    flow_levels: int = 4  # displacement grid levels, from flow_coarsest to flow_finest cells per unit
+    flow_coarsest: float = 2.0
+    flow_finest: float = 16.0
+    flow_knots: int = 0  # time knots of the displacement grid (0: one per frame)
+    flow_smoothness: float = 0.02  # weight of the mean absolute Jacobian of g w.r.t. (x, y, t) (paper: 0.02)
+    occlusion_cells: int = 16  # cells along w of the occlusion model's 3-D canonical
     value_range: tuple[float, float] = (0.0, 1.0)  # intensities the network sees (paper: [-1, 1])
     init: str = "auto"  # "auto" | "features" | "identity"
     working_size: int = 0  # fit on frames downscaled so the longer side is at most this (0: no limit)
@@ -59,11 +66,20 @@ def preset_config(motion: str, preset: str, **overrides) -> FitConfig:
     if preset == "fast":
         config = FitConfig(motion=motion, preset="fast", working_size=1024)
     elif preset == "paper":
+        # DESIGN.md section 2: homography (f SIREN 2->C 256x4, g(t) ReLU MLP, MSE, 3000 steps, batch HW/4);
+        # flow (g SIREN 3->2, the separation tasks' setting: 3000 steps, batch HW/8, MSE, Jacobian 0.02);
+        # occlusion (f and g SIREN 3->3 256x5, L1 + 0.02 Jacobian, 5000 steps, batch HW/32).
+        per_motion = {
+            "homography": {"steps": 3000, "batch": -4, "loss": "mse", "hidden_layers": 4},
+            "flow": {"steps": 3000, "batch": -8, "loss": "mse", "hidden_layers": 4},
+            "occlusion": {"steps": 5000, "batch": -32, "loss": "l1", "hidden_layers": 5},
+        }.get(motion, {"steps": 3000, "batch": -4, "loss": "mse", "hidden_layers": 4})
         config = FitConfig(
-            motion=motion, preset="paper", steps=3000, batch=-4, field="siren",
-            field_options={"width": 256, "hidden_layers": 4, "omega0": 30.0}, motion_param="mlp",
-            lr_field=1e-4, lr_motion=1e-4, lr_final_fraction=1.0, coarse_to_fine=0.0, loss="mse",
-            value_range=(-1.0, 1.0), init="identity", working_size=512, exposure=False,
+            motion=motion, preset="paper", steps=per_motion["steps"], batch=per_motion["batch"], field="siren",
+            field_options={"width": 256, "hidden_layers": per_motion["hidden_layers"], "omega0": 30.0},
+            motion_param="mlp", lr_field=1e-4, lr_motion=1e-4, lr_final_fraction=1.0, coarse_to_fine=0.0,
+            loss=per_motion["loss"], value_range=(-1.0, 1.0), init="identity", working_size=512, exposure=False,
+            flow_base="none", flow_smoothness=0.02,
         )
     else:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -191,7 +207,8 @@ def build_model(frames: np.ndarray, config: FitConfig, device: torch.device) -> 
     """
     t, h, w, c = frames.shape
     norm = motion_models.Normaliser(h, w)
-    init = initial_homographies(frames, config, norm) if config.motion == "homography" else None
+    use_homography = config.motion == "homography" or config.flow_base == "homography"
+    init = initial_homographies(frames, config, norm) if use_homography else None
     start = init if init is not None else np.repeat(np.eye(3)[None], t, 0)
     xmin, xmax, ymin, ymax = frame_bounds(start, norm)
     margin = 0.15 + (0.25 if init is None else 0.0)
@@ -207,19 +224,32 @@ def make_model(config: FitConfig, shape: tuple[int, int, int, int], domain, *, i
     norm = motion_models.Normaliser(h, w)
     torch.manual_seed(config.seed)
     mean_t = None if mean is None else torch.as_tensor(np.asarray(mean), dtype=torch.float32)
+    occlusion = config.motion == "occlusion"
     if config.field == "grid":
         options = {"finest": config.grid_density * norm.s, **config.field_options}
+        if occlusion:
+            options.setdefault("depth_cells", config.occlusion_cells)
         field_net = fields.GridField(c, tuple(domain), init_value=mean_t, **options)
     elif config.field == "siren":
-        field_net = fields.Siren(2, c, init_value=mean_t, **config.field_options)
+        field_net = fields.Siren(3 if occlusion else 2, c, init_value=mean_t, **config.field_options)
     else:
         raise ValueError(f"unknown field {config.field!r}; use 'grid' or 'siren'")
     if config.motion_param == "lie":
-        motion_net = motion_models.LieHomography(t, init=init)
+        homography = motion_models.LieHomography(t, init=init)
     elif config.motion_param == "mlp":
-        motion_net = motion_models.MLPHomography(t, init=init)
+        homography = motion_models.MLPHomography(t, init=init)
     else:
         raise ValueError(f"unknown motion parameterisation {config.motion_param!r}; use 'lie' or 'mlp'")
+    if config.motion == "homography":
+        motion_net = homography
+    elif config.motion_param == "mlp":  # paper preset: the official SIREN g(x, y, t)
+        motion_net = motion_models.SirenFlow(t, occlusion=occlusion, seed=config.seed,
+                                             hidden_layers=5 if occlusion else 4)
+    else:
+        motion_net = motion_models.FlowMotion(
+            t, domain, levels=config.flow_levels, coarsest=config.flow_coarsest, finest=config.flow_finest,
+            knots=config.flow_knots, base=homography if config.flow_base == "homography" else None,
+            occlusion=occlusion)
     return FusionModel(field_net, motion_net, norm, tuple(float(d) for d in domain), t, c, config.exposure)
 
 
@@ -250,6 +280,8 @@ def fit_steps(model: FusionModel, frames: np.ndarray, config: FitConfig, device:
             g["lr"] = base * decay
         optimiser.param_groups[-1]["lr"] = 0.0 if step <= warmup_steps else base_lrs[-1] * decay
         model.field.set_progress(progress, config.coarse_to_fine)
+        if hasattr(model.motion, "set_progress"):
+            model.motion.set_progress(progress, config.coarse_to_fine)
         flat = torch.randint(t * h * w, (batch,), generator=gen).to(device)
         frame_index = flat // (h * w)
         pix = flat % (h * w)
@@ -257,6 +289,8 @@ def fit_steps(model: FusionModel, frames: np.ndarray, config: FitConfig, device:
         pred = model(frame_index, xy)
         target = data[flat]
         loss = loss_fn(pred, target)
+        if config.motion != "homography" and config.flow_smoothness > 0:
+            loss = loss + config.flow_smoothness * model.motion.smoothness()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()

@@ -187,3 +187,136 @@ def feature_homographies(frames: np.ndarray, *, max_side: int = 512, seed: int =
         chain.append(chain[-1] @ model.params)
     out = np.asarray(chain)
     return out / out[:, 2:3, 2:3]
+
+
+class FlowMotion(nn.Module):
+    """W_t(x) = H_t x + g(x, t): an optional homography plus a smooth displacement field.
+
+    g is a multiresolution grid over (x, y, t) (linear in t between ``knots`` time knots, so the flow is
+    smooth over time), fine levels faded in coarse-to-fine like the canonical field. Its gauge: the mean
+    over the time knots is removed, so no frame is the reference. With ``occlusion`` the grid has a third
+    output, w = tanh(.), the depth coordinate of the occlusion-aware canonical f(x + dx, y + dy, w).
+    Displacements are in normalised units (see ``Normaliser``).
+    """
+
+    def __init__(self, n_frames: int, domain, *, levels: int = 4, coarsest: float = 2.0, finest: float = 16.0,
+                 knots: int = 0, base: LieHomography | None = None, occlusion: bool = False):
+        super().__init__()
+        import math
+
+        self.n_frames = n_frames
+        self.kind = "occlusion" if occlusion else "flow"
+        self.base = base
+        self.outputs = 3 if occlusion else 2
+        self.knots = min(n_frames, knots) if knots > 0 else n_frames
+        xmin, xmax, ymin, ymax = domain
+        self.register_buffer("lo", torch.tensor([xmin, ymin], dtype=torch.float32))
+        self.register_buffer("span", torch.tensor([xmax - xmin, ymax - ymin], dtype=torch.float32))
+        growth = (finest / coarsest) ** (1 / max(levels - 1, 1))
+        self.grids = nn.ParameterList()
+        self.spacing = []  # (dx, dy) normalised units per cell, per level
+        for level in range(levels):
+            density = coarsest * growth**level
+            nx = max(2, int(math.ceil((xmax - xmin) * density)) + 1)
+            ny = max(2, int(math.ceil((ymax - ymin) * density)) + 1)
+            self.grids.append(nn.Parameter(torch.zeros(1, self.outputs, self.knots, ny, nx)))
+            self.spacing.append(((xmax - xmin) / (nx - 1), (ymax - ymin) / (ny - 1)))
+        self.register_buffer("level_weights", torch.ones(levels))
+        # w moves through tanh(w_gain * raw): a gain > 1 lets w separate layers as fast as (x, y) move
+        self.w_gain = 4.0
+
+    def set_progress(self, progress: float, ramp: float) -> None:
+        from .fields import GridField
+
+        GridField.set_progress(self, progress, ramp)  # same schedule as the canonical field
+
+    @property
+    def levels(self) -> int:
+        return len(self.grids)
+
+    def time_coordinate(self, frame_index: torch.Tensor) -> torch.Tensor:
+        return frame_index.float() / max(self.n_frames - 1, 1) * 2 - 1
+
+    def displacement(self, frame_index: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+        """(N, outputs) raw displacement (dx, dy[, w-logit]) at frame coordinates, gauge applied."""
+        from .fields import sample_levels
+
+        unit = torch.cat([(xy.float() - self.lo) / self.span * 2 - 1, self.time_coordinate(frame_index)[:, None]], 1)
+        centred = [g - g.mean(2, keepdim=True) for g in self.grids]
+        total = sample_levels(centred, unit, self.level_weights)
+        return total.view(len(xy), self.levels, self.outputs).sum(1)
+
+    def forward(self, frame_index: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+        """(N,) frame indices, (N, 2) frame coordinates -> (N, 2) canonical (x, y), or (N, 3) with w."""
+        base = xy if self.base is None else apply_homography(self.base.matrices(), frame_index, xy).float()
+        d = self.displacement(frame_index, xy)
+        warped = base + d[:, :2]
+        if self.outputs == 3:
+            return torch.cat([warped, torch.tanh(self.w_gain * d[:, 2:3])], 1)
+        return warped
+
+    def smoothness(self) -> torch.Tensor:
+        """Mean absolute Jacobian of g w.r.t. (x, y, t) by finite differences on the grids (the paper's
+        flow prior, computed on the parameters rather than through autograd on sampled points)."""
+        total = 0.0
+        dt = 2.0 / max(self.knots - 1, 1)
+        for level, (g, (sx, sy)) in enumerate(zip(self.grids, self.spacing)):
+            w = self.level_weights[level]
+            jx = (g[..., 1:] - g[..., :-1]).abs().mean() / sx
+            jy = (g[..., 1:, :] - g[..., :-1, :]).abs().mean() / sy
+            jt = (g[:, :, 1:] - g[:, :, :-1]).abs().mean() / dt if self.knots > 1 else 0.0
+            total = total + w * (jx + jy + jt)
+        return total
+
+    def matrices(self) -> torch.Tensor:
+        """The homography part (T, 3, 3) (identity when the model has none)."""
+        if self.base is None:
+            return torch.eye(3, dtype=torch.float64, device=self.lo.device).expand(self.n_frames, 3, 3)
+        return self.base.matrices()
+
+
+class SirenFlow(nn.Module):
+    """The paper's flow networks: g(x, y, t) a SIREN 3 -> 2 (flow) or 3 -> 3 (occlusion: dx, dy, w).
+
+    W_t(x) = x + g(x, t); w = tanh(g_w). The Jacobian prior is computed by finite differences at random
+    points (the official code differentiates through autograd; both estimate the same mean |dg/d(x,y,t)|).
+    """
+
+    def __init__(self, n_frames: int, *, occlusion: bool = False, width: int = 256, hidden_layers: int = 4,
+                 omega0: float = 30.0, seed: int = 0):
+        super().__init__()
+        from .fields import Siren
+
+        self.n_frames = n_frames
+        self.kind = "occlusion" if occlusion else "flow"
+        self.outputs = 3 if occlusion else 2
+        self.net = Siren(3, self.outputs, width=width, hidden_layers=hidden_layers, omega0=omega0)
+        self.generator = torch.Generator().manual_seed(seed + 7)
+        self.w_gain = 1.0
+
+    def time_coordinate(self, frame_index: torch.Tensor) -> torch.Tensor:
+        return frame_index.float() / max(self.n_frames - 1, 1) * 2 - 1
+
+    def displacement(self, frame_index: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([xy.float(), self.time_coordinate(frame_index)[:, None]], 1))
+
+    def forward(self, frame_index: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+        d = self.displacement(frame_index, xy)
+        warped = xy.float() + d[:, :2]
+        if self.outputs == 3:
+            return torch.cat([warped, torch.tanh(d[:, 2:3])], 1)
+        return warped
+
+    def smoothness(self, points: int = 1024, eps: float = 1e-2) -> torch.Tensor:
+        device = next(self.parameters()).device
+        p = (torch.rand(points, 3, generator=self.generator) * 2 - 1).to(device)
+        base = self.net(p)
+        total = 0.0
+        for axis in range(3):
+            shifted = p.clone()
+            shifted[:, axis] += eps
+            total = total + (self.net(shifted) - base).abs().mean() / eps
+        return total
+
+    def matrices(self) -> torch.Tensor:
+        return torch.eye(3, dtype=torch.float64, device=next(self.parameters()).device).expand(self.n_frames, 3, 3)

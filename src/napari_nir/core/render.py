@@ -125,6 +125,108 @@ def render_canonical(model, matrices: np.ndarray, norm: Normaliser, value_range,
 def preview_canonical(model, config, device, max_side: int = 192) -> np.ndarray:
     """A small canonical view (union extent) in [0, 1] working units for live previews."""
     norm = model.normaliser
-    matrices = model.motion.matrices().detach().cpu().numpy()
     scale = min(1.0, max_side / max(norm.height, norm.width))
+    if config.motion != "homography":
+        return render_canonical_flow(model, norm, config.value_range, device, extent="union", scale=scale)
+    matrices = model.motion.matrices().detach().cpu().numpy()
     return render_canonical(model, matrices, norm, config.value_range, device, extent="union", scale=scale)
+
+
+# -- flow models -----------------------------------------------------------------------------------
+def border_points(norm: Normaliser, step: float = 4.0) -> np.ndarray:
+    """(N, 2) normalised coordinates of points every ``step`` pixels along a frame's outer edge."""
+    hx, hy = norm.half_extent()
+    nx = max(2, int(norm.width / step) + 1)
+    ny = max(2, int(norm.height / step) + 1)
+    xs, ys = np.linspace(-hx, hx, nx), np.linspace(-hy, hy, ny)
+    pts = np.concatenate([np.stack([xs, np.full(nx, -hy)], 1), np.stack([xs, np.full(nx, hy)], 1),
+                          np.stack([np.full(ny, -hx), ys], 1), np.stack([np.full(ny, hx), ys], 1)])
+    return pts.astype(np.float32)
+
+
+@torch.no_grad()
+def warp_points(model, t: int, xy: torch.Tensor, device) -> torch.Tensor:
+    """W_t at (N, 2) normalised frame coordinates -> (N, 2|3) canonical coordinates, chunked, on CPU."""
+    out = []
+    for start in range(0, len(xy), CHUNK):
+        chunk = xy[start:start + CHUNK].to(device)
+        out.append(model.motion(torch.full((len(chunk),), t, dtype=torch.long, device=device), chunk).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def unwarp_points(model, t: int, canonical_xy: torch.Tensor, device, iterations: int = 10) -> torch.Tensor:
+    """Solve W_t(x) = p for frame coordinates x, given (N, 2) canonical points p (fixed-point iteration).
+
+    Converges where the displacement field is a contraction (|dg/dx| < 1), i.e. for any plausible smooth flow.
+    """
+    inv = torch.linalg.inv(model.motion.matrices()[t:t + 1].cpu())
+    zeros = torch.zeros(len(canonical_xy), dtype=torch.long)
+    x = apply_homography(inv, zeros, canonical_xy.double()).float()
+    for _ in range(iterations):
+        residual = warp_points(model, t, x, device)[:, :2] - canonical_xy
+        x = x - residual  # Newton step with the Jacobian approximated by the identity (near-identity warps)
+    return x
+
+
+def flow_bounds(model, norm: Normaliser, device, frames=None) -> tuple[float, float, float, float]:
+    """Normalised (xmin, xmax, ymin, ymax) of the mapped outlines of ``frames`` (default: all), in the domain."""
+    pts = torch.as_tensor(border_points(norm))
+    frames = range(model.motion.n_frames) if frames is None else frames
+    mapped = torch.cat([warp_points(model, t, pts, device)[:, :2] for t in frames])
+    xmin, ymin = mapped.min(0).values.tolist()
+    xmax, ymax = mapped.max(0).values.tolist()
+    dx0, dx1, dy0, dy1 = model.domain
+    return max(xmin, dx0), min(xmax, dx1), max(ymin, dy0), min(ymax, dy1)
+
+
+@torch.no_grad()
+def render_canonical_flow(model, norm: Normaliser, value_range, device, *, extent="union", scale=1.0, fill=0.0,
+                          w: float | None = None, max_pixels=1 << 26) -> np.ndarray:
+    """Canonical view (rows, cols, C) of a flow / occlusion model, working units, axis-aligned canonical grid.
+
+    extent "union": all frames' mapped outlines; "first": frame 0's. w (occlusion model): the depth slice
+    to render, in [-1, 1]; None: the burst's dominant w (its median over all frames), i.e. the background.
+    """
+    xmin, xmax, ymin, ymax = flow_bounds(model, norm, device, None if extent == "union" else [0])
+    step = 1.0 / (norm.s * scale)
+    cols = max(1, int(math.ceil((xmax - xmin) / step - 1e-6)))
+    rows = max(1, int(math.ceil((ymax - ymin) / step - 1e-6)))
+    if rows * cols > max_pixels:
+        raise ValueError(f"canonical view of {rows}x{cols} pixels is too large (limit {max_pixels} pixels); "
+                         f"use a smaller scale (e.g. scale={scale * math.sqrt(max_pixels / (rows * cols)):.2f})")
+    occlusion = getattr(model.motion, "outputs", 2) == 3
+    if occlusion and w is None:
+        w = dominant_w(model, norm, device)
+    hx, hy = norm.half_extent()
+    band = max(1, CHUNK // cols)
+    out = None
+    xs = xmin + step / 2 + step * np.arange(cols)
+    for r0 in range(0, rows, band):
+        r1 = min(rows, r0 + band)
+        ys = ymin + step / 2 + step * np.arange(r0, r1)
+        xx, yy = np.meshgrid(xs, ys)
+        p = torch.as_tensor(np.stack([xx.ravel(), yy.ravel()], 1), dtype=torch.float32)
+        q = torch.cat([p, torch.full((len(p), 1), float(w))], 1) if occlusion else p
+        values = np.concatenate([_to_unit(model.field(q[i:i + CHUNK].to(device)), value_range).float().cpu().numpy()
+                                 for i in range(0, len(q), CHUNK)])
+        covered = np.zeros(len(p), dtype=bool)
+        for t in range(model.motion.n_frames):
+            x = unwarp_points(model, t, p, device).numpy()
+            covered |= (np.abs(x[:, 0]) <= hx) & (np.abs(x[:, 1]) <= hy)
+        values[~covered] = fill
+        if out is None:
+            out = np.empty((rows, cols, values.shape[1]), dtype=np.float32)
+        out[r0:r1] = values.reshape(r1 - r0, cols, -1)
+    return out
+
+
+@torch.no_grad()
+def dominant_w(model, norm: Normaliser, device, samples: int = 4096) -> float:
+    """Median of the occlusion coordinate w over a regular subsample of every frame's pixels."""
+    n = max(2, int(math.sqrt(samples)))
+    hx, hy = norm.half_extent()
+    xx, yy = np.meshgrid(np.linspace(-hx, hx, n), np.linspace(-hy, hy, n))
+    xy = torch.as_tensor(np.stack([xx.ravel(), yy.ravel()], 1), dtype=torch.float32)
+    ws = torch.cat([warp_points(model, t, xy, device)[:, 2] for t in range(model.motion.n_frames)])
+    return float(ws.median())

@@ -58,20 +58,33 @@ class FusionResult:
         return to_norm
 
     @property
-    def homographies(self) -> np.ndarray:
-        """(T, 3, 3) float64: frame-t pixel (col, row, 1) -> pixel of ``canonical(extent="union", scale=1)``."""
+    def is_flow(self) -> bool:
+        return self.motion in ("flow", "occlusion")
+
+    @property
+    def homographies(self) -> np.ndarray | None:
+        """(T, 3, 3) float64: frame-t pixel (col, row, 1) -> pixel of ``canonical(extent="union", scale=1)``.
+        None for the flow models (see ``flow()``)."""
+        if self.is_flow:
+            return None
         to_union = np.linalg.inv(self.canonical_transform("union", 1.0))
         h = np.einsum("ij,tjk,kl->til", to_union, self._normalised_matrices(), self._input_norm.matrix)
         return h / h[:, 2:3, 2:3]
 
     def frame_to_frame(self, t: int, s: int) -> np.ndarray:
-        """3x3 homography mapping frame-t pixels to frame-s pixels."""
+        """3x3 homography mapping frame-t pixels to frame-s pixels (homography model)."""
+        if self.is_flow:
+            raise ValueError(f"frame_to_frame is for motion='homography'; this result used {self.motion!r}: "
+                             "use flow_between(t, s)")
         h = self.homographies
         m = np.linalg.inv(h[s]) @ h[t]
         return m / m[2, 2]
 
     def outlines(self, extent: str = "union", scale: float = 1.0) -> np.ndarray:
-        """(T, 4, 2) every frame's corners as (row, col) pixels of ``canonical(extent, scale)`` (napari order)."""
+        """(T, 4, 2) every frame's corners as (row, col) pixels of ``canonical(extent, scale)`` (napari order).
+        Homography model only."""
+        if self.is_flow:
+            raise ValueError("outlines() is for motion='homography'; for flow models use flow()")
         to_out = np.linalg.inv(self.canonical_transform(extent, scale))
         n = self._input_norm
         hx, hy = n.half_extent()
@@ -89,21 +102,69 @@ class FusionResult:
             out[t] = render.render_frame(self._model, t, b.H, b.W, self.config.value_range, self._device)
         return b.restore(out, dtype=dtype)
 
-    def canonical(self, extent: str = "union", scale: float = 1.0, *, dtype: str = "input") -> np.ndarray:
+    def canonical(self, extent: str = "union", scale: float = 1.0, *, w: float | None = None,
+                  dtype: str = "input") -> np.ndarray:
         """The fused view (H', W'[, C]).
 
         extent "union": covers every frame (a panorama when the frames move a lot; pixels no frame saw are
         the burst's minimum); "first": frame 0's field of view. scale: output pixels per input pixel
-        (2 = burst super-resolution).
+        (2 = burst super-resolution). w (motion="occlusion" only): the depth slice of the 3-D canonical,
+        in [-1, 1]; None renders the burst's dominant slice (the background).
+        Homography: a projective grid (frame 0's pixels for "first"); flow models: an axis-aligned grid in
+        canonical pixels (the frames' average pose).
         """
         extent, scale = _check_extent(extent), _check_scale(scale)
+        if self.is_flow:
+            view = render.render_canonical_flow(self._model, self._input_norm, self.config.value_range,
+                                                self._device, extent=extent, scale=scale, w=w)
+            return self._burst.restore(view, dtype=dtype)
         view = render.render_canonical(self._model, self._normalised_matrices(), self._input_norm,
                                        self.config.value_range, self._device, extent=extent, scale=scale)
         return self._burst.restore(view, dtype=dtype)
 
+    def _require_flow(self, what: str) -> None:
+        if not self.is_flow:
+            raise ValueError(f"{what} is available for motion='flow' or 'occlusion'; this result used "
+                             f"motion={self.motion!r}: use .homographies")
+
+    def _frame_points(self) -> torch.Tensor:
+        return torch.as_tensor(render.pixel_grid(self._burst.H, self._burst.W, self._input_norm))
+
     def flow(self) -> np.ndarray:
-        raise NotImplementedError("flow() is available for motion='flow' or 'occlusion'; this result used "
-                                  f"motion={self.motion!r}: use .homographies")
+        """(T, H, W, 2) float32 displacement (d_row, d_col) in pixels, frame -> canonical.
+
+        Canonical pixels: the grid of the frames' average pose (same pixel size as the input), so the
+        displacements of all frames average to about zero.
+        """
+        self._require_flow("flow()")
+        b, xy = self._burst, self._frame_points()
+        out = np.empty((b.T, b.H, b.W, 2), dtype=np.float32)
+        for t in range(b.T):
+            d = (render.warp_points(self._model, t, xy, self._device)[:, :2] - xy).numpy() * self._input_norm.s
+            out[t] = d[:, ::-1].reshape(b.H, b.W, 2)
+        return out
+
+    def flow_between(self, t: int, s: int) -> np.ndarray:
+        """(H, W, 2) float32 optical flow (d_row, d_col) in pixels from frame t to frame s: pixel x of frame t
+        shows the same scene point as x + flow[x] in frame s (what other optical-flow tools report)."""
+        self._require_flow("flow_between()")
+        b, xy = self._burst, self._frame_points()
+        for name, index in (("t", t), ("s", s)):
+            if not 0 <= int(index) < b.T:
+                raise ValueError(f"frame index {name}={index} is out of range 0..{b.T - 1}")
+        p = render.warp_points(self._model, int(t), xy, self._device)[:, :2]
+        x_s = render.unwarp_points(self._model, int(s), p, self._device)
+        d = (x_s - xy).numpy() * self._input_norm.s
+        return d[:, ::-1].reshape(b.H, b.W, 2).astype(np.float32)
+
+    def occlusion_w(self) -> np.ndarray:
+        """(T, H, W) float32 in [-1, 1]: the occlusion coordinate w of every frame's pixels (motion="occlusion");
+        pixels of a moving object get a different w from the background they hide."""
+        if self.motion != "occlusion":
+            raise ValueError(f"occlusion_w() needs motion='occlusion'; this result used {self.motion!r}")
+        b, xy = self._burst, self._frame_points()
+        return np.stack([render.warp_points(self._model, t, xy, self._device)[:, 2].numpy().reshape(b.H, b.W)
+                         for t in range(b.T)]).astype(np.float32)
 
     # -- provenance and files ---------------------------------------------------------------------
     def provenance(self) -> dict:
