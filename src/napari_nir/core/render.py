@@ -155,17 +155,33 @@ def warp_points(model, t: int, xy: torch.Tensor, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def unwarp_points(model, t: int, canonical_xy: torch.Tensor, device, iterations: int = 10) -> torch.Tensor:
-    """Solve W_t(x) = p for frame coordinates x, given (N, 2) canonical points p (fixed-point iteration).
+def unwarp_points(model, t: int, canonical_xy: torch.Tensor, device, iterations: int = 6,
+                  start: torch.Tensor | None = None) -> torch.Tensor:
+    """Solve W_t(x) = p for frame coordinates x, given (N, 2) canonical points p.
 
-    Converges where the displacement field is a contraction (|dg/dx| < 1), i.e. for any plausible smooth flow.
+    Newton's method with a finite-difference 2x2 Jacobian per point, started from ``start`` (default: the
+    homography part's inverse): converges in a few iterations wherever the warp is locally invertible;
+    where a learned flow folds, it finds the preimage nearest the start.
     """
-    inv = torch.linalg.inv(model.motion.matrices()[t:t + 1].cpu())
-    zeros = torch.zeros(len(canonical_xy), dtype=torch.long)
-    x = apply_homography(inv, zeros, canonical_xy.double()).float()
+    if start is None:
+        inv = torch.linalg.inv(model.motion.matrices()[t:t + 1].cpu())
+        zeros = torch.zeros(len(canonical_xy), dtype=torch.long)
+        x = apply_homography(inv, zeros, canonical_xy.double()).float()
+    else:
+        x = start.float().clone()
+    eps = 1e-3
     for _ in range(iterations):
-        residual = warp_points(model, t, x, device)[:, :2] - canonical_xy
-        x = x - residual  # Newton step with the Jacobian approximated by the identity (near-identity warps)
+        fx = warp_points(model, t, x, device)[:, :2]
+        residual = fx - canonical_xy
+        jx = (warp_points(model, t, x + torch.tensor([eps, 0.0]), device)[:, :2] - fx) / eps
+        jy = (warp_points(model, t, x + torch.tensor([0.0, eps]), device)[:, :2] - fx) / eps
+        a, b, c, d = jx[:, 0], jy[:, 0], jx[:, 1], jy[:, 1]
+        det = a * d - b * c
+        ok = det.abs() > 1e-6
+        det = torch.where(ok, det, torch.ones_like(det))
+        step_x = torch.where(ok, (d * residual[:, 0] - b * residual[:, 1]) / det, residual[:, 0])
+        step_y = torch.where(ok, (-c * residual[:, 0] + a * residual[:, 1]) / det, residual[:, 1])
+        x = x - torch.stack([step_x, step_y], 1)
     return x
 
 

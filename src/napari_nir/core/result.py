@@ -153,7 +153,11 @@ class FusionResult:
             if not 0 <= int(index) < b.T:
                 raise ValueError(f"frame index {name}={index} is out of range 0..{b.T - 1}")
         p = render.warp_points(self._model, int(t), xy, self._device)[:, :2]
-        x_s = render.unwarp_points(self._model, int(s), p, self._device)
+        # start Newton at x moved by the homography parts: the right preimage where a flow folds
+        m = self._model.motion.matrices().detach().cpu()
+        rel = (torch.linalg.inv(m[int(s)]) @ m[int(t)])[None]
+        start = render.apply_homography(rel, torch.zeros(len(xy), dtype=torch.long), xy.double())
+        x_s = render.unwarp_points(self._model, int(s), p, self._device, start=start)
         d = (x_s - xy).numpy() * self._input_norm.s
         return d[:, ::-1].reshape(b.H, b.W, 2).astype(np.float32)
 
