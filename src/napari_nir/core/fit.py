@@ -132,6 +132,29 @@ class FusionModel(nn.Module):
         extra = [self.log_gain, self.bias] if self.exposure else []
         return list(self.motion.parameters()) + extra
 
+    # -- hooks used by fit_steps (a separation model provides the same four) ------------------------
+    def parameter_groups(self, config: "FitConfig") -> list[dict]:
+        """Adam groups; the group named "motion" is frozen during ``config.motion_warmup``."""
+        return self.field.param_groups(config.lr_field) + [
+            {"params": self.motion_parameters(), "lr": config.lr_motion, "name": "motion"}]
+
+    def set_progress(self, progress: float, config: "FitConfig") -> None:
+        """Coarse-to-fine schedules of the field and (flow models) the displacement grid."""
+        self.field.set_progress(progress, config.coarse_to_fine)
+        if hasattr(self.motion, "set_progress"):
+            self.motion.set_progress(progress, config.coarse_to_fine)
+
+    def regulariser(self, config: "FitConfig", generator: torch.Generator) -> torch.Tensor | float:
+        """The flow prior (mean |Jacobian| of g), zero for homographies."""
+        if config.motion != "homography" and config.flow_smoothness > 0:
+            return config.flow_smoothness * self.motion.smoothness()
+        return 0.0
+
+    def preview(self, config: "FitConfig", device: torch.device) -> np.ndarray:
+        from .render import preview_canonical
+
+        return preview_canonical(self, config, device)
+
 
 def resolve_device(device: str) -> torch.device:
     """"auto" -> CUDA, then MPS, then CPU. Explicit names are checked and explained when unavailable."""
@@ -253,9 +276,11 @@ def make_model(config: FitConfig, shape: tuple[int, int, int, int], domain, *, i
     return FusionModel(field_net, motion_net, norm, tuple(float(d) for d in domain), t, c, config.exposure)
 
 
-def fit_steps(model: FusionModel, frames: np.ndarray, config: FitConfig, device: torch.device):
+def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: torch.device):
     """Generator: optimise ``model`` on (T, h, w, C) working frames, yielding ``ProgressEvent``s.
 
+    ``model(frame_index (N,), xy (N, 2)) -> (N, C)`` predicts pixels; it also provides the hooks
+    ``parameter_groups``, ``set_progress``, ``regulariser`` and ``preview`` (see FusionModel).
     Stop early by closing the generator (or simply not resuming it): the model keeps its current state.
     """
     t, h, w, c = frames.shape
@@ -264,10 +289,7 @@ def fit_steps(model: FusionModel, frames: np.ndarray, config: FitConfig, device:
     norm = model.normaliser
     batch = config.batch if config.batch > 0 else max(1024, (h * w) // -config.batch)
     gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
-    groups = model.field.param_groups(config.lr_field)
-    motion_params = model.motion_parameters()
-    groups.append({"params": motion_params, "lr": config.lr_motion})
-    optimiser = torch.optim.Adam(groups)
+    optimiser = torch.optim.Adam(model.parameter_groups(config))
     base_lrs = [g["lr"] for g in optimiser.param_groups]
     warmup_steps = int(config.motion_warmup * config.steps)
     start = time.perf_counter()
@@ -277,20 +299,16 @@ def fit_steps(model: FusionModel, frames: np.ndarray, config: FitConfig, device:
         progress = (step - 1) / max(config.steps - 1, 1)
         decay = config.lr_final_fraction + (1 - config.lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
         for g, base in zip(optimiser.param_groups, base_lrs):
-            g["lr"] = base * decay
-        optimiser.param_groups[-1]["lr"] = 0.0 if step <= warmup_steps else base_lrs[-1] * decay
-        model.field.set_progress(progress, config.coarse_to_fine)
-        if hasattr(model.motion, "set_progress"):
-            model.motion.set_progress(progress, config.coarse_to_fine)
+            frozen = g.get("name") == "motion" and step <= warmup_steps
+            g["lr"] = 0.0 if frozen else base * decay
+        model.set_progress(progress, config)
         flat = torch.randint(t * h * w, (batch,), generator=gen).to(device)
         frame_index = flat // (h * w)
         pix = flat % (h * w)
         xy = torch.stack([((pix % w).float() - norm.cx) / norm.s, ((pix // w).float() - norm.cy) / norm.s], 1)
         pred = model(frame_index, xy)
         target = data[flat]
-        loss = loss_fn(pred, target)
-        if config.motion != "homography" and config.flow_smoothness > 0:
-            loss = loss + config.flow_smoothness * model.motion.smoothness()
+        loss = loss_fn(pred, target) + model.regulariser(config, gen)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -300,7 +318,5 @@ def fit_steps(model: FusionModel, frames: np.ndarray, config: FitConfig, device:
         psnr = -10 * math.log10(max(mse, 1e-12))
         preview = None
         if config.preview_every and (step % config.preview_every == 0 or step == config.steps):
-            from .render import preview_canonical
-
-            preview = preview_canonical(model, config, device)
+            preview = model.preview(config, device)
         yield ProgressEvent(step, config.steps, float(loss.item()), psnr, time.perf_counter() - start, preview)
