@@ -7,8 +7,9 @@ Public API (see DESIGN.md section 4)::
     fit.canonical(); fit.frames(); fit.homographies; fit.save("fit.npz"); nir.load("fit.npz")
 """
 from ._version import __version__
-from .core.api import FusionJob, fuse
+from .core.api import FusionJob, SeparationJob, fuse, separate
 from .core.fit import ProgressEvent
-from .core.result import FusionResult, load
+from .core.result import FusionResult, SeparationResult, load
+from .core.tasks import TASKS
 
-__all__ = ["__version__", "fuse", "FusionJob", "load", "FusionResult", "ProgressEvent"]
+__all__ = ["__version__", "fuse", "separate", "FusionJob", "SeparationJob", "SeparationResult", "TASKS", "load", "FusionResult", "ProgressEvent"]

@@ -277,3 +277,121 @@ def occlusion_burst(n_frames: int = 7, shape: tuple[int, int] = (128, 128), *, b
 def endpoint_error(estimated: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """(H, W) end-point error in pixels between two (H, W, 2) flow fields."""
     return np.sqrt(((np.asarray(estimated, np.float64) - truth) ** 2).sum(-1))
+
+
+# -- layer-separation samples ------------------------------------------------------------------------
+def _views(source, homs, shape):
+    return np.stack([render_view(source, m, shape) for m in homs])
+
+
+def _fence_alpha(homography: np.ndarray, shape, period: float = 18.0, width: float = 3.0, supersample: int = 3):
+    """Anti-aliased alpha (H, W) of a diagonal chain-link mesh in fence-plane pixels seen through ``homography``."""
+    h, w = shape
+    k = supersample
+    rr, cc = np.mgrid[0:h * k, 0:w * k].astype(float)
+    cc, rr = (cc + 0.5) / k - 0.5, (rr + 0.5) / k - 0.5
+    p = homography @ np.stack([cc.ravel(), rr.ravel(), np.ones(cc.size)])
+    u, v = p[0] / p[2], p[1] / p[2]
+    a, b = (u + v) / np.sqrt(2), (u - v) / np.sqrt(2)
+    dist = np.minimum(np.abs((a % period) - period / 2), np.abs((b % period) - period / 2))
+    wire = (dist < width / 2).astype(float).reshape(h * k, w * k)
+    return wire.reshape(h, k, w, k).mean(axis=(1, 3)).astype(np.float32)
+
+
+def _rain_layer(shape, rng, streaks: int = 220):
+    """One frame of rain (H, W) in [0, 1]: thin slanted streaks of random length and brightness."""
+    from skimage.draw import line_aa
+    from skimage.filters import gaussian
+
+    h, w = shape
+    r = np.zeros(shape)
+    angle = np.deg2rad(rng.uniform(70, 80))
+    for _ in range(streaks):
+        length = rng.uniform(8, 24)
+        r0, c0 = rng.uniform(-10, h), rng.uniform(-10, w)
+        r1, c1 = r0 + length * np.sin(angle), c0 + length * np.cos(angle)
+        rr, cc, val = line_aa(int(r0), int(c0), int(r1), int(c1))
+        keep = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+        r[rr[keep], cc[keep]] = np.maximum(r[rr[keep], cc[keep]], val[keep] * rng.uniform(0.3, 0.7))
+    return np.clip(gaussian(r, 0.5), 0, 1).astype(np.float32)
+
+
+def separation_burst(task: str, n_frames: int = 5, shape: tuple[int, int] = (256, 256), *, image: str = "astronaut",
+                     seed: int = 0) -> SampleBurst:
+    """A burst for a layer-separation task with its ground truth, from real photographs.
+
+    reflection: I = 0.7 scene + 0.3 blurred second photo, moving differently (additive);
+    fence: a thin diagonal mesh with alpha on a plane nearer the camera (4x the scene's motion);
+    rain: (1 - r) scene + r with new streaks every frame;
+    moire: scene + a fine screen grating point-sampled through each frame's homography (it aliases
+    differently in every frame).
+    ``clean`` holds the true scene per frame; ``extra`` the true "interference" and, for fence and rain,
+    "alpha" (T, H, W).
+    """
+    from skimage.filters import gaussian
+
+    rng = np.random.default_rng(seed)
+    source = source_image(image)
+    scene_h = random_homographies(n_frames, shape, translation=0.03, rotation_deg=2, scale=0.02, perspective=0.02,
+                                  rng=rng)
+    scene = _views(source, scene_h, shape)
+    extra: dict = {"task": task, "seed": seed}
+    if task == "reflection":
+        second = gaussian(source_image("coffee"), 1.5, channel_axis=-1)
+        refl_h = random_homographies(n_frames, shape, translation=0.08, rotation_deg=4, scale=0.04, perspective=0.02,
+                                     rng=rng)
+        reflection = 0.3 * _views(second, refl_h, shape)
+        scene = 0.7 * scene
+        frames = scene + reflection
+        extra["interference"] = reflection.astype(np.float32)
+    elif task == "fence":
+        big = random_homographies(n_frames, shape, translation=0.12, rotation_deg=2, scale=0.02, perspective=0.0,
+                                  rng=rng)
+        alpha = np.stack([_fence_alpha(m, shape) for m in big])
+        colour = np.array([0.35, 0.3, 0.25], dtype=np.float32)
+        frames = (1 - alpha[..., None]) * scene + alpha[..., None] * colour
+        extra["alpha"] = alpha
+        extra["interference"] = np.broadcast_to(colour, scene.shape).astype(np.float32)
+    elif task == "rain":
+        r = np.stack([_rain_layer(shape, rng) for _ in range(n_frames)])
+        frames = (1 - r[..., None]) * scene + r[..., None]
+        extra["alpha"] = r
+        extra["interference"] = np.repeat(r[..., None], 3, -1)
+    elif task == "moire":
+        h, w = shape
+        rows, cols = np.mgrid[0:h, 0:w].astype(float)
+        moire = []
+        for m in scene_h:
+            p = m @ np.stack([cols.ravel(), rows.ravel(), np.ones(cols.size)])
+            u, v = (p[0] / p[2]).reshape(shape), (p[1] / p[2]).reshape(shape)
+            grating = np.cos(2 * np.pi * 0.46 * u) * np.cos(2 * np.pi * 0.46 * v)  # point-sampled: aliases
+            tint = np.array([1.0, 0.6, 0.9])
+            moire.append(0.08 * grating[..., None] * tint)
+        moire = np.stack(moire).astype(np.float32)
+        scene = 0.84 * scene + 0.08
+        frames = scene + moire
+        extra["interference"] = moire
+    else:
+        raise ValueError(f"unknown task {task!r}; choose reflection, fence, rain or moire")
+    return SampleBurst(frames=frames.astype(np.float32), clean=scene.astype(np.float32), homographies=scene_h,
+                       world=render_view(source, np.eye(3), shape), name=f"{image} {task} burst", extra=extra)
+
+
+def make_homography_sample():
+    """napari File > Open Sample: a 9-frame RGB astronaut burst (T, 256, 256, 3) float32 in [0, 1] and its world view.
+
+    The ground-truth homographies (frame-t pixel -> world pixel) ride along in the burst layer's metadata.
+    """
+    sample = homography_burst()
+    return [
+        (
+            sample.frames,
+            {
+                "name": "astronaut burst",
+                "rgb": True,
+                "metadata": {"napari_nir": {"ground_truth_homographies": sample.homographies.tolist()}},
+            },
+            "image",
+        ),
+        (sample.world, {"name": "astronaut ground truth", "visible": False, "rgb": True}, "image"),
+    ]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 from typing import Callable
@@ -12,7 +13,23 @@ import torch
 from . import render
 from .burst import prepare_burst
 from .fit import MOTIONS, PRESETS, ProgressEvent, build_model, fit_steps, preset_config, resolve_device, working_frames
-from .result import FusionResult
+from .fit import separation_config
+from .memory import check_fit_memory, working_shape
+from .result import FusionResult, SeparationResult
+from .tasks import get_task
+
+
+def _check_common(preset, steps, seed, options) -> tuple[int | None, int]:
+    """Validate the arguments every job takes; returns (steps, seed)."""
+    from .fit import FitConfig
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    unknown = set(options) - set(FitConfig.__dataclass_fields__) - {"preset", "motion", "task"}
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}; valid: "
+                        f"{', '.join(sorted(FitConfig.__dataclass_fields__))}")
+    return _check_int("steps", steps, 1), _check_int("seed", seed, 0)
 
 
 def _check_int(name: str, value, minimum: int) -> int | None:
@@ -66,27 +83,26 @@ class FusionJob:
         fit = job.result()                       # FusionResult (completed=False when stopped early)
     """
 
+    result_type = FusionResult
+
     def __init__(self, burst, motion: str = "homography", *, preset: str = "fast", steps: int | None = None,
                  device: str = "auto", seed: int = 0, **options):
-        from .fit import FitConfig
-
         if motion not in MOTIONS:
             raise ValueError(f"unknown motion {motion!r}; choose one of {', '.join(MOTIONS)}")
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        steps = _check_int("steps", steps, 1)
-        seed = _check_int("seed", seed, 0)
-        unknown = set(options) - set(FitConfig.__dataclass_fields__) - {"preset", "motion"}
-        if unknown:
-            raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}; valid: "
-                            f"{', '.join(sorted(FitConfig.__dataclass_fields__))}")
+        steps, seed = _check_common(preset, steps, seed, options)
         self.device = resolve_device(device)
         self.burst = prepare_burst(burst)
-        self.config = preset_config(motion, preset, steps=steps, seed=seed, device=str(self.device), **options)
+        self.config = self._configure(motion, preset, steps=steps, seed=seed, device=str(self.device), **options)
+        check_fit_memory(working_shape(self.burst.data.shape, self.config.working_size), self.config, self.device,
+                         input_shape=self.burst.data.shape)  # ValueError naming a size that fits
         self.history: list[dict] = []
         self.model = None
         self._stop = False
         self._seconds = 0.0
+
+    @staticmethod
+    def _configure(motion, preset, **overrides):
+        return preset_config(motion, preset, **overrides)
 
     def stop(self) -> None:
         """Ask the run to end after the current step (thread-safe: a flag read between steps)."""
@@ -96,25 +112,87 @@ class FusionJob:
         """Generator of ``ProgressEvent``: builds the model (feature start included) and optimises it."""
         frames, _ = working_frames(self.burst, self.config.working_size)
         start = time.perf_counter()
-        with cpu_fit_settings(self.device):
-            self.model = build_model(frames, self.config, self.device)
-            for event in fit_steps(self.model, frames, self.config, self.device):
-                self.history.append({"step": event.step, "seconds": round(event.seconds, 4), "loss": event.loss,
-                                     "psnr": event.psnr})
-                self._seconds = time.perf_counter() - start
-                yield event
-                if self._stop:
-                    break
+        out_of_memory = None
+        try:
+            with cpu_fit_settings(self.device):
+                self.model = build_model(frames, self.config, self.device)
+                for event in fit_steps(self.model, frames, self.config, self.device):
+                    self.history.append({"step": event.step, "seconds": round(event.seconds, 4), "loss": event.loss,
+                                         "psnr": event.psnr})
+                    self._seconds = time.perf_counter() - start
+                    yield event
+                    if self._stop:
+                        break
+        except torch.cuda.OutOfMemoryError as exc:
+            out_of_memory = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+            # keep only the text: the exception's traceback holds the fit's GPU tensors
+        if out_of_memory is not None:
+            self.model = None
+            frames = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise RuntimeError(f"the GPU ran out of memory during the fit ({out_of_memory}); GPU memory has been "
+                               f"released. Use a smaller working_size (now {self.config.working_size or 'no limit'}), "
+                               f"fewer frames, or device='cpu'") from None
 
     def result(self) -> FusionResult:
         """The fitted result (call after ``run`` finished or was stopped)."""
         if self.model is None:
             raise RuntimeError("the fit has not started: iterate over job.run() first")
         completed = bool(self.history) and self.history[-1]["step"] == self.config.steps
-        result = FusionResult(self.model, self.burst, self.config, list(self.history), self.device,
-                              seconds=self._seconds, completed=completed)
+        result = self.result_type(self.model, self.burst, self.config, list(self.history), self.device,
+                                  seconds=self._seconds, completed=completed)
         result.final_psnr = reconstruction_psnr(result)
         return result
+
+
+class SeparationJob(FusionJob):
+    """A layer-separation run (see FusionJob for the protocol); ``result()`` is a SeparationResult."""
+
+    result_type = SeparationResult
+
+    def __init__(self, burst, task: str = "reflection", *, motion: str | None = None, preset: str = "fast",
+                 steps: int | None = None, device: str = "auto", seed: int = 0, **options):
+        get_task(task)
+        if motion is not None and motion not in MOTIONS:
+            raise ValueError(f"unknown motion {motion!r}; choose one of {', '.join(MOTIONS)} (or None for the "
+                             f"task's default)")
+        self._task = task
+        super().__init__(burst, motion or get_task(task).motion, preset=preset, steps=steps, device=device,
+                         seed=seed, **options)
+
+    def _configure(self, motion, preset, **overrides):
+        return separation_config(self._task, preset, motion, **overrides)
+
+
+def separate(
+    burst,
+    task: str = "reflection",
+    *,
+    motion: str | None = None,
+    preset: str = "fast",
+    steps: int | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    callback: Callable[[ProgressEvent], bool | None] | None = None,
+    **options,
+) -> SeparationResult:
+    """Separate a burst into a scene and an interference layer (reflection, fence, rain, moire).
+
+    burst: (T, H, W[, C]) array-like, any integer or float dtype, T >= 2. task: a name from
+    ``napari_nir.TASKS``. motion: the scene's motion model (default: the task's). Other arguments as
+    ``fuse``. Returns a SeparationResult: ``layers()`` -> {"scene", "interference"[, "alpha"]} per frame,
+    ``canonical()`` the scene fused in canonical coordinates. Never modifies ``burst``.
+    """
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (called with each progress event) or None, got {callback!r}")
+    job = SeparationJob(burst, task, motion=motion, preset=preset, steps=steps, device=device, seed=seed,
+                        **options)
+    for event in job.run():
+        if callback is not None and callback(event) is False:
+            job.stop()
+    return job.result()
 
 
 @contextlib.contextmanager

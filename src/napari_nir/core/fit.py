@@ -47,6 +47,11 @@ class FitConfig:
     flow_finest: float = 16.0
     flow_knots: int = 0  # time knots of the displacement grid (0: one per frame)
     flow_smoothness: float = 0.02  # weight of the mean absolute Jacobian of g w.r.t. (x, y, t) (paper: 0.02)
+    task: str = ""  # layer separation: a name from tasks.TASKS ("" for fusion)
+    scene_warmup: float = 0.0  # separation: fraction of the run fitting the scene alone (robust fusion)
+    sparsity: float | None = None  # separation: override the task's sparsity weight
+    exclusion: float | None = None  # separation: override the task's exclusion weight
+    interference_options: dict = dc_field(default_factory=dict)  # separation: GridField/Siren options of f2
     occlusion_cells: int = 16  # cells along w of the occlusion model's 3-D canonical
     value_range: tuple[float, float] = (0.0, 1.0)  # intensities the network sees (paper: [-1, 1])
     init: str = "auto"  # "auto" | "features" | "identity"
@@ -83,6 +88,26 @@ def preset_config(motion: str, preset: str, **overrides) -> FitConfig:
         )
     else:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def separation_config(task_name: str, preset: str, motion: str | None = None, **overrides) -> FitConfig:
+    """The configuration of ``preset`` for a layer-separation task (its motion unless ``motion`` is given)."""
+    from .tasks import get_task
+
+    task = get_task(task_name)
+    motion = motion or task.motion
+    if motion not in MOTIONS:
+        raise ValueError(f"unknown motion {motion!r}; choose one of {', '.join(MOTIONS)}")
+    base = preset_config(motion, preset)
+    if preset == "fast":
+        config = replace(base, task=task.name, steps=600, scene_warmup=0.3, exposure=False,
+                         flow_smoothness=task.flow_smoothness if motion != "homography" else 0.0)
+    else:
+        paper = task.paper
+        config = replace(base, task=task.name, steps=paper["steps"], batch=paper["batch"], loss=paper["loss"],
+                         value_range=(0.0, 1.0), scene_warmup=0.0,
+                         field_options={**base.field_options, "omega0": paper["f1_omega0"]})
     return replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -273,7 +298,12 @@ def make_model(config: FitConfig, shape: tuple[int, int, int, int], domain, *, i
             t, domain, levels=config.flow_levels, coarsest=config.flow_coarsest, finest=config.flow_finest,
             knots=config.flow_knots, base=homography if config.flow_base == "homography" else None,
             occlusion=occlusion)
-    return FusionModel(field_net, motion_net, norm, tuple(float(d) for d in domain), t, c, config.exposure)
+    model = FusionModel(field_net, motion_net, norm, tuple(float(d) for d in domain), t, c, config.exposure)
+    if config.task:
+        from .separate import make_separation_model
+
+        return make_separation_model(config, shape, domain, model)
+    return model
 
 
 def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: torch.device):

@@ -226,6 +226,54 @@ class FusionResult:
                 f"size={b.H}x{b.W} channels={b.C} psnr={psnr}>")
 
 
+class SeparationResult(FusionResult):
+    """A separated burst: ``layers()`` per frame, ``canonical()`` the scene, ``frames()`` the recomposed input.
+
+    Flow, homographies and outlines are the scene stream's.
+    """
+
+    @property
+    def task(self) -> str:
+        return self.config.task
+
+    def layers(self, *, dtype: str = "input") -> dict[str, np.ndarray]:
+        """{"scene", "interference"[, "alpha"]}: (T, H, W[, C]) in the burst's layout, units and dtype.
+
+        "alpha" (fence, rain) is (T, H, W) float32 in [0, 1]. Additive interference (reflection, moire) is
+        its contribution on a black background: value * range + burst minimum (negative moire values clip
+        for integer dtypes; ask for dtype="float32" to keep them).
+        """
+        b = self._burst
+        xy = torch.as_tensor(render.pixel_grid(b.H, b.W, self._input_norm))
+        scene = np.empty((b.T, b.H, b.W, b.C), dtype=np.float32)
+        interference = np.empty_like(scene)
+        alpha = np.empty((b.T, b.H, b.W), dtype=np.float32) if "alpha" in self._model.task.layers else None
+        lo, hi = self.config.value_range
+        with torch.no_grad():
+            for t in range(b.T):
+                for start in range(0, len(xy), render.CHUNK):
+                    chunk = xy[start:start + render.CHUNK].to(self._device)
+                    index = torch.full((len(chunk),), t, dtype=torch.long, device=self._device)
+                    _, s, layers = self._model.layers_at(index, chunk)
+                    rows = slice(start, start + len(chunk))
+                    scene[t].reshape(-1, b.C)[rows] = ((s - lo) / (hi - lo)).cpu().numpy()
+                    interference[t].reshape(-1, b.C)[rows] = layers["interference"].cpu().numpy()
+                    if alpha is not None:
+                        alpha[t].reshape(-1)[rows] = layers["alpha"][:, 0].cpu().numpy()
+        out = {"scene": b.restore(scene, dtype=dtype), "interference": b.restore(interference, dtype=dtype)}
+        if alpha is not None:
+            out["alpha"] = alpha
+        return out
+
+    def provenance(self) -> dict:
+        prov = super().provenance()
+        prov["task"] = f"separate:{self.task}"
+        return prov
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace("<FusionResult", f"<SeparationResult task={self.task!r}")
+
+
 def _check_extent(extent: str) -> str:
     if extent not in ("union", "first"):
         raise ValueError(f"unknown extent {extent!r}; use 'union' (covers every frame) or 'first' (frame 0's view)")
@@ -278,6 +326,7 @@ def load(path: str | os.PathLike, *, device: str = "cpu") -> FusionResult:
                       lo_exact=None if b.get("lo_exact") is None else tuple(int(v) for v in b["lo_exact"]))
     except (KeyError, TypeError, RuntimeError) as exc:
         raise ValueError(f"{path}: result file is inconsistent or edited ({type(exc).__name__}: {exc})") from None
-    return FusionResult(model.to(dev), burst, config, meta.get("history", []), dev,
+    kind = SeparationResult if config.task else FusionResult
+    return kind(model.to(dev), burst, config, meta.get("history", []), dev,
                         final_psnr=meta.get("final_psnr"), seconds=meta.get("seconds"),
                         completed=meta.get("completed", True))

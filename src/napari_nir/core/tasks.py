@@ -1,0 +1,112 @@
+"""The task table: one entry per layer-separation task.
+
+A task is data plus a formation function. The scene stream f1 is sampled through the task's motion model
+(a fusion model); the interference stream f2(x, t) lives in frame coordinates with time. ``compose``
+turns the scene values S (N, C) and the raw interference outputs (N, K) into the image I (N, C) and the
+named interference layers. Widgets, the CLI and the docs are generated from ``TASKS``: adding a task
+(dust on the sensor, a watermark, ...) is one more entry here.
+
+Official configurations (DESIGN.md section 2) are recorded in ``paper``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Task:
+    """One layer-separation task.
+
+    name: identifier (API, CLI); title, description: for menus, help and docs.
+    motion: the scene stream's default motion model ("homography" | "flow" | "occlusion").
+    interference_channels(C) -> K: raw outputs of f2 for a C-channel burst.
+    interference_init: initial value of f2's raw outputs (before activation), so it starts nearly empty.
+    compose(S, raw) -> (I, layers): the formation model; layers maps "interference" (N, C) and, for
+        compositing tasks, "alpha" (N, 1) to per-point values in working units.
+    sparsity: weight of the L1 norm of what ``sparse_of(layers)`` returns (the interference or its alpha).
+    exclusion: weight of the exclusion loss between scene and interference gradients (0: off).
+    flow_smoothness: weight of the scene motion's Jacobian prior.
+    layers: the output layer names, in display order.
+    paper: the official configuration (steps, batch, networks, loss) for the ``paper`` preset.
+    """
+
+    name: str
+    title: str
+    description: str
+    motion: str
+    interference_channels: Callable[[int], int]
+    interference_init: float
+    compose: Callable
+    sparse_of: Callable
+    sparsity: float
+    exclusion: float = 0.0
+    flow_smoothness: float = 0.02
+    layers: tuple[str, ...] = ("scene", "interference")
+    paper: dict = field(default_factory=dict)
+
+
+def _additive(scene, raw):
+    interference = torch.sigmoid(raw)
+    return scene + interference, {"interference": interference}
+
+
+def _additive_signed(scene, raw):
+    return scene + raw, {"interference": raw}
+
+
+def _alpha_composite(scene, raw):
+    colour, alpha = torch.sigmoid(raw[:, :-1]), torch.sigmoid(raw[:, -1:])
+    return (1 - alpha) * scene + alpha * colour, {"interference": colour, "alpha": alpha}
+
+
+def _rain(scene, raw):
+    r = torch.sigmoid(raw)
+    return (1 - r) * scene + r, {"interference": r.expand_as(scene), "alpha": r}
+
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task(
+            name="reflection", title="Reflection removal",
+            description="Remove a reflection seen through glass: I = scene + reflection, each moving differently.",
+            motion="flow", interference_channels=lambda c: c, interference_init=-4.0, compose=_additive,
+            sparse_of=lambda layers: layers["interference"], sparsity=0.02, exclusion=0.0005,
+            paper={"steps": 3000, "batch": -8, "loss": "mse", "f1_omega0": 30.0, "f2_width": 256},
+        ),
+        Task(
+            name="fence", title="Fence / obstruction removal",
+            description="Remove an opaque obstruction (fence, mesh, dirt) nearer the camera: "
+                        "I = (1 - alpha) scene + alpha obstruction.",
+            motion="flow", interference_channels=lambda c: c + 1, interference_init=-4.0,
+            compose=_alpha_composite, sparse_of=lambda layers: layers["alpha"], sparsity=0.001,
+            layers=("scene", "interference", "alpha"),
+            paper={"steps": 3000, "batch": -8, "loss": "mse", "f1_omega0": 90.0, "f2_width": 256},
+        ),
+        Task(
+            name="rain", title="Rain removal",
+            description="Remove rain streaks: I = (1 - r) scene + r, the scene occlusion-aware.",
+            motion="occlusion", interference_channels=lambda c: 1, interference_init=-4.0, compose=_rain,
+            sparse_of=lambda layers: layers["alpha"], sparsity=0.01, layers=("scene", "interference", "alpha"),
+            paper={"steps": 5000, "batch": -4, "loss": "l1", "f1_omega0": 30.0, "f2_width": 256},
+        ),
+        Task(
+            name="moire", title="Moire removal",
+            description="Remove moire from photos of screens: I = scene(H_t x) + moire(x, t).",
+            motion="homography", interference_channels=lambda c: c, interference_init=0.0,
+            compose=_additive_signed, sparse_of=lambda layers: layers["interference"], sparsity=0.001,
+            exclusion=0.002, flow_smoothness=0.0,
+            paper={"steps": 3000, "batch": -4, "loss": "mse", "f1_omega0": 30.0, "f2_width": 128},
+        ),
+    )
+}
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name``; a ValueError lists the valid names."""
+    if not isinstance(name, str) or name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
