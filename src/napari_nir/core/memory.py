@@ -1,0 +1,355 @@
+"""Memory: what a fit will need, what the device has, and a refusal that says what would fit.
+
+Pure numpy/torch; ``psutil`` is used when installed, otherwise ``/proc/meminfo`` or ``os.sysconf``. On Linux
+the container's cgroup limit (v1 or v2) is honoured too, so a fit is refused before the kernel kills it.
+
+The estimate (:func:`fit_memory_breakdown`, summed by :func:`estimate_fit_bytes`) is deliberately
+conservative. For working frames of shape (T, h, w, C) it counts, in bytes:
+
+``data``         the working burst on the device, float32, three times: the working copy, the scaled copy
+                 ``fit_steps`` makes, and the transient during that scaling.
+``parameters``   every parameter x 5: values, gradients, Adam's two moments and Adam's temporaries. The
+                 count comes from the real networks built on the ``meta`` device (no memory, no data), over
+                 the domain an identity start gets (the frame plus 0.4 normalised units on each side; a
+                 feature start adds only 0.15, but a panorama with large motion has a larger domain).
+``activations``  one training step: ``batch`` points x the bytes a point needs in the forward and backward
+                 passes (grid: levels x features x 10 floats; MLP/SIREN layers: width x 6 floats per layer;
+                 homography warps: float64 per-point matrices; the loss).
+``render``       one rendering chunk (``render.CHUNK`` points, no autograd): previews and reconstructions.
+``resize``       (only when the input is larger than ``working_size``) one input frame resampled in float64.
+``frames``       (only with ``input_shape``) the end-of-fit reconstruction of one frame at input resolution,
+                 which builds the frame's full coordinate grid (about 40 + 16 C bytes per input pixel).
+``overhead``     64 MiB + 10 % for the allocator, fragmentation and library workspaces.
+
+On a CUDA device the host-side parts (the working copy, resize and the full-resolution frame grid) are
+not counted against GPU memory.
+
+Measured against peak resident memory on a CPU (2 cores, torch 2.x): see tests/test_reliability.py and the
+figures in the report of issue 7; the estimate is 1.1-1.6x the measured peak.
+
+Setting the environment variable ``NAPARI_NIR_SKIP_MEMORY_CHECK=1`` turns the refusal off (for the rare
+case where the estimate is wrong for a machine: e.g. swap that should be used).
+"""
+from __future__ import annotations
+
+import contextlib
+import numbers
+import os
+
+import torch
+
+__all__ = ["available_bytes", "estimate_fit_bytes", "fit_memory_breakdown", "check_fit_memory", "working_shape",
+           "format_bytes"]
+
+MiB = 1 << 20
+GiB = 1 << 30
+PARAMETER_COPIES = 5      # values, gradients, Adam exp_avg and exp_avg_sq, Adam's temporaries
+OVERHEAD_BYTES = 64 * MiB
+OVERHEAD_FRACTION = 0.10
+IDENTITY_MARGIN = 0.4     # fit.build_model: 0.15 + 0.25 when the motion starts at the identity
+SKIP_ENV = "NAPARI_NIR_SKIP_MEMORY_CHECK"
+HEAP_BLOCK_LIMIT = 32 * MiB  # glibc's largest dynamic mmap threshold on 64-bit systems
+HEAP_FRAGMENTATION = 2.0
+
+
+# -- what is available --------------------------------------------------------------------------------
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            fields = dict(line.split(":", 1) for line in fh if ":" in line)
+    except OSError:
+        return None
+    for key in ("MemAvailable", "MemFree"):
+        if key in fields:
+            return int(fields[key].split()[0]) * 1024
+    return None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as fh:
+            text = fh.read().strip()
+    except OSError:
+        return None
+    if not text or text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _stat_value(path: str, keys: tuple[str, ...]) -> int:
+    try:
+        with open(path) as fh:
+            stats = dict(line.split() for line in fh if len(line.split()) == 2)
+    except (OSError, ValueError):
+        return 0
+    for key in keys:
+        if key in stats:
+            with contextlib.suppress(ValueError):
+                return int(stats[key])
+    return 0
+
+
+def _cgroup_available() -> int | None:
+    """Bytes left under this process's cgroup memory limit (v2, then v1), or None when there is no limit.
+
+    Usage minus inactive file cache (reclaimable), like the "working set" container runtimes report."""
+    root = "/sys/fs/cgroup"
+    limit = _read_int(f"{root}/memory.max")
+    if limit is not None:
+        used = _read_int(f"{root}/memory.current") or 0
+        used -= _stat_value(f"{root}/memory.stat", ("inactive_file",))
+        return max(0, limit - max(used, 0))
+    limit = _read_int(f"{root}/memory/memory.limit_in_bytes")
+    if limit is not None and limit < (1 << 60):
+        used = _read_int(f"{root}/memory/memory.usage_in_bytes") or 0
+        used -= _stat_value(f"{root}/memory/memory.stat", ("total_inactive_file", "inactive_file"))
+        return max(0, limit - max(used, 0))
+    return None
+
+
+def _host_available() -> int:
+    """Available RAM in bytes: psutil, else /proc/meminfo, else os.sysconf; capped by a cgroup limit."""
+    value = None
+    try:
+        import psutil
+
+        value = int(psutil.virtual_memory().available)
+    except Exception:  # psutil missing or unsupported platform
+        value = _meminfo_available()
+    if value is None:
+        try:
+            value = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            value = 1 << 62  # unknown: do not refuse
+    limit = _cgroup_available()
+    return int(value if limit is None else min(value, limit))
+
+
+def available_bytes(device: torch.device | str) -> int:
+    """Bytes a fit can still allocate on ``device``.
+
+    CPU: available RAM (capped by a cgroup limit). CUDA: free device memory plus what torch's caching
+    allocator holds unused. MPS (unified memory): the smaller of torch's recommended limit left and
+    three quarters of available RAM.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(cached, 0))
+    host = _host_available()
+    if device.type == "mps":
+        share = int(host * 0.75)
+        mps = getattr(torch, "mps", None)
+        if mps is not None and hasattr(mps, "recommended_max_memory"):
+            with contextlib.suppress(Exception):
+                share = min(share, int(mps.recommended_max_memory()) - int(mps.driver_allocated_memory()))
+        return max(0, share)
+    return host
+
+
+# -- what a fit needs ---------------------------------------------------------------------------------
+def working_shape(input_shape, working_size: int) -> tuple[int, int, int, int]:
+    """(T, h, w, C) of the working frames for an input (T, H, W[, C]): ``fit.working_frames``' arithmetic."""
+    if isinstance(working_size, bool) or not isinstance(working_size, numbers.Integral):
+        raise TypeError(f"working_size must be an integer number of pixels (0: no limit), got {working_size!r}")
+    working_size = int(working_size)
+    t, h, w = (int(v) for v in input_shape[:3])
+    c = int(input_shape[3]) if len(input_shape) > 3 else 1
+    longest = max(h, w)
+    if working_size <= 0 or longest <= working_size:
+        return (t, h, w, c)
+    factor = working_size / longest
+    return (t, max(8, round(h * factor)), max(8, round(w * factor)), c)
+
+
+def _batch(config, h: int, w: int) -> int:
+    """Points per step: ``fit.fit_steps``' arithmetic (batch <= 0 means H * W // -batch)."""
+    batch = config.batch
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral):
+        raise TypeError(f"batch must be an integer number of pixels per step (or -k for H*W/k), got {batch!r}")
+    batch = int(batch)
+    if batch == 0:
+        raise ValueError("batch must not be 0: use a number of pixels per step (e.g. 16384) or -k for H*W/k "
+                         "pixels per step (e.g. -4)")
+    return batch if batch > 0 else max(1024, (h * w) // -batch)
+
+
+def _meta_model(config, shape):
+    """The fit's networks built on the meta device (shapes only), over an identity start's domain."""
+    from .fit import make_model
+    from .motion import Normaliser
+
+    t, h, w, c = shape
+    hx, hy = Normaliser(h, w).half_extent()
+    m = IDENTITY_MARGIN
+    domain = (-hx - m, hx + m, -hy - m, hy + m)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # make_model seeds the global generator
+        return make_model(config, (t, h, w, c), domain)
+
+
+def _module_point_floats(module) -> tuple[float, float]:
+    """(training, forward-only) float32 values per evaluated point of a field or per-point motion network.
+
+    Calibrated on CPU (262144 points, torch 2.x): grid field + homography 1330 B/point per training step
+    (estimate 1.9 kB), 660 B/point forward (0.9 kB); SIREN 256x4 + MLP homography 10.6 kB (12.6 kB) and 3.1 kB
+    (3.2 kB); SIREN field + SIREN flow 18.6 kB (24.8 kB); the occlusion preset's 256x5 pair 22.7 kB (31 kB)."""
+    from . import fields, motion as motion_models
+
+    if isinstance(module, fields.GridField):
+        feats = sum(int(g.shape[1]) for g in module.grids)
+        width = sum(lin.out_features for lin in module.mlp.modules() if isinstance(lin, torch.nn.Linear))
+        return 6.0 * feats + 3.0 * width, 2.5 * feats + 1.5 * width
+    if isinstance(module, motion_models.FlowMotion):
+        outs = sum(int(g.shape[1]) for g in module.grids)
+        base = _module_point_floats(module.base) if module.base is not None else (0.0, 0.0)
+        return 6.0 * outs + 10.0 + base[0], 2.5 * outs + 6.0 + base[1]
+    if isinstance(module, (motion_models.LieHomography, motion_models.MLPHomography)):
+        return 30.0, 20.0  # (N, 3, 3) float64 gathered matrices and float64 intermediates
+    widths = [lin.out_features for lin in module.modules() if isinstance(lin, torch.nn.Linear)]  # SIREN, MLPs
+    return 3.0 * sum(widths), 3.0 * max(widths, default=0)
+
+
+def fit_memory_breakdown(shape, config, *, input_shape=None) -> dict[str, int]:
+    """The parts of :func:`estimate_fit_bytes` in bytes, for working frames of ``shape`` (T, h, w, C), a
+    ``FitConfig`` and (optionally) the burst's ``input_shape`` (T, H, W[, C]).
+
+    Persistent during the fit: ``data`` (the working burst on the device, plus the resized working copy on
+    the host when the input is larger than ``working_size``) and ``parameters`` (x 5: values, gradients,
+    Adam's two moments and its temporaries; buffers once). Transient, never at the same time (the estimate
+    takes the largest): ``scaling`` (the copy made while the burst is scaled onto the device, before Adam
+    has state), ``activations`` (one training step: ``batch`` points), ``render`` (one chunk of points
+    rendered without autograd: previews, reconstructions), ``resize`` (one input frame resampled in float64)
+    and ``frames`` (the end-of-fit reconstruction of one frame at input resolution: its full coordinate grid
+    in float64 and float32, the rendered chunks and their concatenation: 40 + 16 C bytes per input pixel).
+    ``overhead``: 64 MiB + 10 % (allocator, fragmentation, library workspaces).
+    """
+    from .render import CHUNK
+
+    t, h, w, c = (int(v) for v in shape)
+    input_shape = (t, h, w, c) if input_shape is None else tuple(int(v) for v in input_shape)
+    big_h, big_w = input_shape[1], input_shape[2]
+    resized = (big_h, big_w) != (h, w)
+    frame_bytes = t * h * w * c * 4
+    model = _meta_model(config, (t, h, w, c))
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    per_point = [_module_point_floats(net) for net in (model.field, model.motion, getattr(model, "interference", None))
+                 if net is not None]  # a separation model adds its interference network
+    point_train = 4 * sum(p[0] for p in per_point) + 100 + 24 * c  # + indices, coordinates, the loss
+    point_fwd = 4 * sum(p[1] for p in per_point) + 60 + 8 * c
+    batch = _batch(config, h, w)
+    widest = max([lin.out_features for lin in model.modules() if isinstance(lin, torch.nn.Linear)]
+                 + [int(g.shape[1]) for g in model.parameters() if g.dim() >= 4], default=1)
+    render_points = min(CHUNK, max(big_h * big_w, 192 * 192))
+    parts = {
+        "data": frame_bytes * (2 if resized else 1),
+        "parameters": PARAMETER_COPIES * params + buffers,
+        "scaling": frame_bytes,
+        "activations": int(batch * point_train * _heap_factor(config, batch * widest * 4)),
+        "render": int(render_points * point_fwd),
+        "resize": (3 * big_h * big_w * c * 8 + 2 * frame_bytes) if resized else 0,
+        "frames": big_h * big_w * (40 + 16 * c),
+    }
+    peak = parts["data"] + parts["parameters"] + max(parts[k] for k in _TRANSIENT)
+    parts["overhead"] = int(OVERHEAD_BYTES + OVERHEAD_FRACTION * peak)
+    return parts
+
+
+def _heap_factor(config, tensor_bytes: int) -> float:
+    """Resident memory per live byte of a training step's activations on CPU/MPS.
+
+    glibc serves blocks below its mmap threshold (which adapts up to 32 MiB) from the heap and keeps what is
+    freed: with a SIREN's 16 MiB activations (16384 points x 256 floats) resident memory settled at twice
+    the live bytes over 150 steps (400 MiB measured for 172 MiB live); 64 MiB blocks are returned at once."""
+    if str(getattr(config, "device", "cpu")).startswith("cuda") or tensor_bytes >= HEAP_BLOCK_LIMIT:
+        return 1.0
+    return HEAP_FRAGMENTATION
+
+
+_TRANSIENT = ("scaling", "activations", "render", "resize", "frames")
+_HOST_ONLY = ("resize", "frames")  # built on the host even when the fit runs on a GPU
+
+
+def estimate_fit_bytes(shape, config, *, input_shape=None) -> int:
+    """Conservative peak bytes of a fit on working frames of ``shape`` (T, h, w, C) with ``config`` (FitConfig):
+    data + parameters + the largest transient + overhead (see :func:`fit_memory_breakdown`).
+
+    ``input_shape`` (T, H, W[, C]): the burst's shape, for the resize and the full-resolution reconstruction.
+    On a CUDA device (``config.device``) only what lives on the GPU is counted."""
+    parts = fit_memory_breakdown(shape, config, input_shape=input_shape)
+    transient = _TRANSIENT
+    if str(getattr(config, "device", "cpu")).startswith("cuda"):
+        t, h, w, c = (int(v) for v in shape)
+        parts["data"] = t * h * w * c * 4  # the resized working copy stays on the host
+        transient = tuple(k for k in _TRANSIENT if k not in _HOST_ONLY)
+    peak = parts["data"] + parts["parameters"] + max(parts[k] for k in transient)
+    return int(peak + OVERHEAD_BYTES + OVERHEAD_FRACTION * peak)
+
+
+def format_bytes(n: float) -> str:
+    """1.2 GiB / 340 MiB / 12 KiB."""
+    if n >= GiB:
+        return f"{n / GiB:.1f} GiB"
+    if n >= MiB:
+        return f"{n / MiB:.0f} MiB"
+    return f"{max(n, 0) / 1024:.0f} KiB"
+
+
+def _largest_fitting(lo: int, hi: int, fits) -> int | None:
+    """The largest integer in [lo, hi] with fits(n) (assumed monotone: fits(n) implies fits(n - 1))."""
+    if hi < lo or not fits(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def check_fit_memory(shape, config, device, *, input_shape=None, available: int | None = None) -> int:
+    """Refuse a fit that will not fit in memory: raise ValueError saying what it needs, what is available on
+    ``device``, and the ``working_size`` (or number of frames) that would fit. Returns the estimate in bytes.
+
+    shape: (T, h, w, C) working frames; input_shape: (T, H, W[, C]) of the burst (default: ``shape``);
+    available: bytes free (default: :func:`available_bytes` of ``device``).
+    """
+    input_shape = tuple(shape) if input_shape is None else tuple(input_shape)
+    need = estimate_fit_bytes(shape, config, input_shape=input_shape)
+    if os.environ.get(SKIP_ENV, "").strip() not in ("", "0"):
+        return need
+    device = torch.device(device)
+    have = available_bytes(device) if available is None else int(available)
+    if need <= have:
+        return need
+    t, h, w, c = (int(v) for v in shape)
+    from dataclasses import replace
+
+    def need_at(size: int) -> int:
+        cfg = replace(config, working_size=size)
+        return estimate_fit_bytes(working_shape(input_shape, size), cfg, input_shape=input_shape)
+
+    longest = max(h, w)
+    size = _largest_fitting(16, longest - 1, lambda s: need_at(s) <= have)
+    if size is not None and size >= 64:
+        size = size // 16 * 16
+    where = f"{device.type}" if device.index is None else str(device)
+    options = []
+    if size is not None:
+        options.append(f"use working_size={size} (needs about {format_bytes(need_at(size))})")
+    frames = _largest_fitting(2, t - 1, lambda n: estimate_fit_bytes((n, h, w, c), config,
+                                                                     input_shape=(n,) + input_shape[1:]) <= have)
+    if frames is not None:
+        options.append(f"fewer frames (at most {frames} fit at the current size)")
+    if device.type != "cpu":
+        options.append("device='cpu'")
+    if not options:
+        options.append("crop or downscale the burst (rendering one frame at its full resolution alone does not "
+                       "fit)")
+    raise ValueError(f"this fit needs about {format_bytes(need)} but only {format_bytes(have)} is available on "
+                     f"{where} (frames {t}x{h}x{w}x{c}, preset {config.preset!r}); {' or '.join(options)}")
