@@ -44,13 +44,22 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"), help="markdown file to write ('-': none)")
     parser.add_argument("--images", default=str(HERE.parent / "docs" / "images"),
                         help="folder for result images ('-': none)")
+    parser.add_argument("--only", default="fusion,scaling", help="comma-separated sections: fusion, scaling")
     args = parser.parse_args(argv)
-    from . import fusion
+    from . import fusion, scaling
 
     info = machine()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     images = None if args.images == "-" else Path(args.images)
-    tables = fusion.run(args.quick, args.device, images)
+    sections = {s.strip() for s in args.only.split(",")}
+    unknown = sections - {"fusion", "scaling"}
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; use fusion, scaling")
+    tables = []
+    if "fusion" in sections:
+        tables += fusion.run(args.quick, args.device, images)
+    if "scaling" in sections:
+        tables += scaling.run(args.quick, args.device)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     body = "\n".join(markdown(t) for t in tables)
     print(body)

@@ -246,3 +246,19 @@ def dominant_w(model, norm: Normaliser, device, samples: int = 4096) -> float:
     xy = torch.as_tensor(np.stack([xx.ravel(), yy.ravel()], 1), dtype=torch.float32)
     ws = torch.cat([warp_points(model, t, xy, device)[:, 2] for t in range(model.motion.n_frames)])
     return float(ws.median())
+
+
+def flow_to_rgb(flow: np.ndarray, max_magnitude: float | None = None) -> np.ndarray:
+    """Colour-code a (H, W, 2) (d_row, d_col) flow with the standard optical-flow colour wheel -> (H, W, 3) uint8.
+
+    Hue is the direction (right = red, down = yellow-green, left = cyan, up = purple), saturation the
+    magnitude relative to ``max_magnitude`` (default: the largest in the field); zero flow is white.
+    """
+    from skimage.color import hsv2rgb
+
+    d_row, d_col = np.asarray(flow[..., 0], np.float64), np.asarray(flow[..., 1], np.float64)
+    magnitude = np.hypot(d_row, d_col)
+    top = float(max_magnitude) if max_magnitude else max(float(magnitude.max()), 1e-9)
+    hue = (np.arctan2(d_row, d_col) / (2 * np.pi)) % 1.0
+    hsv = np.stack([hue, np.clip(magnitude / top, 0, 1), np.ones_like(hue)], -1)
+    return (hsv2rgb(hsv) * 255).round().astype(np.uint8)
