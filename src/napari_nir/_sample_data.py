@@ -395,3 +395,48 @@ def make_homography_sample():
         ),
         (sample.world, {"name": "astronaut ground truth", "visible": False, "rgb": True}, "image"),
     ]
+
+
+def make_flow_sample():
+    """napari sample: a 7-frame non-rigid burst (T, 256, 256, 3) and its true frame -> world displacement."""
+    sample = flow_burst()
+    return [
+        (sample.frames, {"name": "non-rigid burst", "rgb": True}, "image"),
+        (sample.extra["displacement"], {"name": "non-rigid ground truth displacement (d_row, d_col)",
+                                        "visible": False, "rgb": False, "channel_axis": 3}, "image"),
+    ]
+
+
+def make_occlusion_sample():
+    """napari sample: a disk moving over a photograph (occlusion), with the true background and coverage."""
+    sample = occlusion_burst()
+    return [
+        (sample.frames, {"name": "occlusion burst", "rgb": True}, "image"),
+        (sample.extra["background"], {"name": "occlusion ground truth background", "visible": False, "rgb": True},
+         "image"),
+        (sample.extra["alpha"], {"name": "occlusion ground truth coverage", "visible": False}, "image"),
+    ]
+
+
+def _separation_sample(task: str):
+    def make():
+        sample = separation_burst(task)
+        layers = [
+            (sample.frames, {"name": f"{task} burst", "rgb": True}, "image"),
+            (sample.clean, {"name": f"{task} ground truth scene", "visible": False, "rgb": True}, "image"),
+            (sample.extra["interference"], {"name": f"{task} ground truth interference", "visible": False,
+                                            "rgb": True}, "image"),
+        ]
+        if "alpha" in sample.extra:
+            layers.append((sample.extra["alpha"], {"name": f"{task} ground truth alpha", "visible": False}, "image"))
+        return layers
+
+    make.__name__ = f"make_{task}_sample"
+    make.__doc__ = f"napari sample: a 5-frame {task} burst (T, 256, 256, 3) with its ground-truth layers (hidden)."
+    return make
+
+
+make_reflection_sample = _separation_sample("reflection")
+make_fence_sample = _separation_sample("fence")
+make_rain_sample = _separation_sample("rain")
+make_moire_sample = _separation_sample("moire")
