@@ -103,11 +103,12 @@ def noisy(quick: bool, device: str) -> dict:
     sample = homography_burst(9, size, noise=0.05, seed=1)
     fit = nir.fuse(sample.frames, "homography", device=device, seed=0)
     out = fit.frames(dtype="float32")
-    p_in = np.mean([psnr(sample.frames[t], sample.clean[t]) for t in range(9)])
-    p_out = np.mean([psnr(out[t], sample.clean[t]) for t in range(9)])
+    n = len(sample.frames)
+    p_in = np.mean([psnr(sample.frames[t], sample.clean[t]) for t in range(n)])
+    p_out = np.mean([psnr(out[t], sample.clean[t]) for t in range(n)])
     p0_in, p0_out = psnr(sample.frames[0], sample.clean[0]), psnr(out[0], sample.clean[0])
     rows = [["frame 0", f"{p0_in:.2f}", f"{p0_out:.2f}", f"{p0_out - p0_in:+.2f}"],
-            ["mean of 9 frames", f"{p_in:.2f}", f"{p_out:.2f}", f"{p_out - p_in:+.2f}"]]
+            [f"mean of {n} frames", f"{p_in:.2f}", f"{p_out:.2f}", f"{p_out - p_in:+.2f}"]]
     return {"title": f"Burst denoising: 9 x {size[0]}x{size[1]} RGB, noise sigma 0.05, fast preset, device {device}",
             "header": ["frame", "noisy input PSNR dB", "fused PSNR dB", "gain dB"], "rows": rows, "notes": [],
             "figures": {"gain0": p0_out - p0_in}}
