@@ -93,6 +93,7 @@ class FusionJob:
         self.device = resolve_device(device)
         self.burst = prepare_burst(burst)
         self.config = self._configure(motion, preset, steps=steps, seed=seed, device=str(self.device), **options)
+        self.config.validate()
         check_fit_memory(working_shape(self.burst.data.shape, self.config.working_size), self.config, self.device,
                          input_shape=self.burst.data.shape)  # ValueError naming a size that fits
         self.history: list[dict] = []

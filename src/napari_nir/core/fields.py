@@ -100,6 +100,9 @@ def sample_levels(grids, unit: torch.Tensor, weights: torch.Tensor) -> torch.Ten
     2-D grids are (1, F, Ny, Nx), 3-D grids (1, F, Nz, Ny, Nx); coordinates in (x, y[, z]) order.
     """
     n, dims = unit.shape
+    # non-finite coordinates (a diverging motion) would crash grid_sample's CPU backward: keep them finite,
+    # the fit loop reports the divergence through the loss
+    unit = torch.nan_to_num(unit, nan=0.0, posinf=2.0, neginf=-2.0)
     g = unit.view(1, 1, n, dims) if dims == 2 else unit.view(1, 1, 1, n, dims)
     feats = []
     for level, grid in enumerate(grids):

@@ -60,6 +60,41 @@ class FitConfig:
     seed: int = 0
     device: str = "cpu"
 
+    def validate(self) -> "FitConfig":
+        """Raise ValueError/TypeError naming any option with an impossible value; returns self."""
+        def need(ok: bool, name: str, value, fix: str, exc=ValueError):
+            if not ok:
+                raise exc(f"option {name}={value!r} is invalid: {fix}")
+
+        for name in ("lr_field", "lr_motion"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool), name, v, "give a number", TypeError)
+            need(math.isfinite(v) and v > 0, name, v, "use a finite learning rate > 0 (e.g. 0.02 or 1e-4)")
+        need(self.loss in ("l1", "mse"), "loss", self.loss, "use 'l1' or 'mse'")
+        need(self.init in ("auto", "features", "identity"), "init", self.init, "use 'auto', 'features' or 'identity'")
+        need(self.flow_base in ("homography", "none"), "flow_base", self.flow_base, "use 'homography' or 'none'")
+        lo_hi = tuple(self.value_range) if isinstance(self.value_range, (tuple, list)) else ()
+        need(len(lo_hi) == 2 and all(map(math.isfinite, lo_hi)) and lo_hi[0] < lo_hi[1], "value_range",
+             self.value_range, "give (low, high) with low < high, e.g. (0, 1)")
+        need(isinstance(self.exposure, bool), "exposure", self.exposure, "use True or False", TypeError)
+        for name in ("grid_density", "flow_coarsest", "flow_finest"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, name, v, "use a number > 0")
+        for name, low in (("flow_levels", 1), ("occlusion_cells", 1), ("preview_every", 0), ("flow_knots", 0)):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= low, name, v, f"use a whole number >= {low}")
+        for name in ("lr_final_fraction", "coarse_to_fine", "motion_warmup", "scene_warmup"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1, name, v,
+                 "use a fraction between 0 and 1")
+        need(self.flow_smoothness >= 0, "flow_smoothness", self.flow_smoothness, "use a weight >= 0")
+        known = {"grid": {"levels", "coarsest", "finest", "features", "hidden", "depth_cells"},
+                 "siren": {"width", "hidden_layers", "omega0"}}.get(self.field, set(self.field_options))
+        bogus = set(self.field_options) - known
+        need(not bogus, "field_options", self.field_options,
+             f"unknown key(s) {', '.join(sorted(bogus))}; a {self.field} field takes {', '.join(sorted(known))}")
+        return self
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["value_range"] = list(self.value_range)
@@ -339,6 +374,9 @@ def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: t
         pred = model(frame_index, xy)
         target = data[flat]
         loss = loss_fn(pred, target) + model.regulariser(config, gen)
+        if not torch.isfinite(loss):
+            raise ValueError(f"the fit diverged at step {step} (the loss is {loss.item()}); lower the learning "
+                             "rates (lr_field, lr_motion) or use the preset's defaults")
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()

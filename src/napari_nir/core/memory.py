@@ -3,29 +3,34 @@
 Pure numpy/torch; ``psutil`` is used when installed, otherwise ``/proc/meminfo`` or ``os.sysconf``. On Linux
 the container's cgroup limit (v1 or v2) is honoured too, so a fit is refused before the kernel kills it.
 
-The estimate (:func:`fit_memory_breakdown`, summed by :func:`estimate_fit_bytes`) is deliberately
-conservative. For working frames of shape (T, h, w, C) it counts, in bytes:
+The estimate (:func:`estimate_fit_bytes`, parts in :func:`fit_memory_breakdown`) is deliberately
+conservative: it is the peak resident memory of a fit, from the moment the job is created (the burst is
+already normalised) to the end-of-fit reconstruction, for working frames of shape (T, h, w, C)::
 
-``data``         the working burst on the device, float32, three times: the working copy, the scaled copy
-                 ``fit_steps`` makes, and the transient during that scaling.
+    peak = data + parameters + retained + max(scaling, activations, render, resize, frames) + overhead
+
+``data``         the working burst on the device (float32), plus the resized host copy when the input is
+                 larger than ``working_size``.
 ``parameters``   every parameter x 5: values, gradients, Adam's two moments and Adam's temporaries. The
                  count comes from the real networks built on the ``meta`` device (no memory, no data), over
                  the domain an identity start gets (the frame plus 0.4 normalised units on each side; a
                  feature start adds only 0.15, but a panorama with large motion has a larger domain).
-``activations``  one training step: ``batch`` points x the bytes a point needs in the forward and backward
-                 passes (grid: levels x features x 10 floats; MLP/SIREN layers: width x 6 floats per layer;
-                 homography warps: float64 per-point matrices; the loss).
+``activations``  one training step: ``batch`` points x the bytes one point needs forward and backward
+                 (grid: 6 floats per feature, 3 per MLP unit; SIREN: 3 floats per unit; homography warps:
+                 float64 per-point matrices; indices, coordinates and the loss), calibrated on CPU.
+``retained``     what the C allocator keeps of the activations (CPU/MPS, see ``_heap_factor``).
+``scaling``      the copy made while the burst is scaled onto the device (before Adam has state).
 ``render``       one rendering chunk (``render.CHUNK`` points, no autograd): previews and reconstructions.
-``resize``       (only when the input is larger than ``working_size``) one input frame resampled in float64.
-``frames``       (only with ``input_shape``) the end-of-fit reconstruction of one frame at input resolution,
-                 which builds the frame's full coordinate grid (about 40 + 16 C bytes per input pixel).
-``overhead``     64 MiB + 10 % for the allocator, fragmentation and library workspaces.
+``resize``       (input larger than ``working_size``) three float32 copies of one input frame and two of
+                 the working burst (4 x 2048^2 x 3 -> 1024^2: 171 MiB measured, 240 MiB estimated).
+``frames``       the end-of-fit reconstruction of one frame at input resolution, which builds the frame's
+                 full coordinate grid (40 + 8 C bytes per input pixel; 56 B measured for C = 3).
+``overhead``     128 MiB (a process's first fit loads kernels and modules: ~85 MiB measured) + 10 %.
 
-On a CUDA device the host-side parts (the working copy, resize and the full-resolution frame grid) are
-not counted against GPU memory.
+On a CUDA device only what lives on the GPU is counted (not the host copy, resize or frame grid).
 
-Measured against peak resident memory on a CPU (2 cores, torch 2.x): see tests/test_reliability.py and the
-figures in the report of issue 7; the estimate is 1.1-1.6x the measured peak.
+Measured against peak resident memory on CPU (torch 2.13, 2 cores; after a warm-up fit): the estimate is
+1.3-2x the measured peak for the fast preset at 256-2048 px and 1.2-1.5x for the paper preset.
 
 Setting the environment variable ``NAPARI_NIR_SKIP_MEMORY_CHECK=1`` turns the refusal off (for the rare
 case where the estimate is wrong for a machine: e.g. swap that should be used).
@@ -44,12 +49,13 @@ __all__ = ["available_bytes", "estimate_fit_bytes", "fit_memory_breakdown", "che
 MiB = 1 << 20
 GiB = 1 << 30
 PARAMETER_COPIES = 5      # values, gradients, Adam exp_avg and exp_avg_sq, Adam's temporaries
-OVERHEAD_BYTES = 64 * MiB
+OVERHEAD_BYTES = 128 * MiB  # includes the first fit's one-time cost in a process (~85 MiB measured)
 OVERHEAD_FRACTION = 0.10
 IDENTITY_MARGIN = 0.4     # fit.build_model: 0.15 + 0.25 when the motion starts at the identity
 SKIP_ENV = "NAPARI_NIR_SKIP_MEMORY_CHECK"
+HEAP_BLOCK_MIN = 1 * MiB
 HEAP_BLOCK_LIMIT = 32 * MiB  # glibc's largest dynamic mmap threshold on 64-bit systems
-HEAP_FRAGMENTATION = 2.0
+HEAP_FRAGMENTATION = 3.0
 
 
 # -- what is available --------------------------------------------------------------------------------
@@ -214,19 +220,11 @@ def _module_point_floats(module) -> tuple[float, float]:
 
 
 def fit_memory_breakdown(shape, config, *, input_shape=None) -> dict[str, int]:
-    """The parts of :func:`estimate_fit_bytes` in bytes, for working frames of ``shape`` (T, h, w, C), a
-    ``FitConfig`` and (optionally) the burst's ``input_shape`` (T, H, W[, C]).
+    """The parts of :func:`estimate_fit_bytes` (see the module docstring) in bytes, for working frames of
+    ``shape`` (T, h, w, C), a ``FitConfig`` and (optionally) the burst's ``input_shape`` (T, H, W[, C]).
 
-    Persistent during the fit: ``data`` (the working burst on the device, plus the resized working copy on
-    the host when the input is larger than ``working_size``) and ``parameters`` (x 5: values, gradients,
-    Adam's two moments and its temporaries; buffers once). Transient, never at the same time (the estimate
-    takes the largest): ``scaling`` (the copy made while the burst is scaled onto the device, before Adam
-    has state), ``activations`` (one training step: ``batch`` points), ``render`` (one chunk of points
-    rendered without autograd: previews, reconstructions), ``resize`` (one input frame resampled in float64)
-    and ``frames`` (the end-of-fit reconstruction of one frame at input resolution: its full coordinate grid
-    in float64 and float32, the rendered chunks and their concatenation: 40 + 16 C bytes per input pixel).
-    ``overhead``: 64 MiB + 10 % (allocator, fragmentation, library workspaces).
-    """
+    "scaling", "activations", "render", "resize" and "frames" are transients that never coexist: the
+    estimate takes the largest of them."""
     from .render import CHUNK
 
     t, h, w, c = (int(v) for v in shape)
@@ -249,25 +247,29 @@ def fit_memory_breakdown(shape, config, *, input_shape=None) -> dict[str, int]:
         "data": frame_bytes * (2 if resized else 1),
         "parameters": PARAMETER_COPIES * params + buffers,
         "scaling": frame_bytes,
-        "activations": int(batch * point_train * _heap_factor(config, batch * widest * 4)),
+        "activations": int(batch * point_train),
         "render": int(render_points * point_fwd),
-        "resize": (3 * big_h * big_w * c * 8 + 2 * frame_bytes) if resized else 0,
-        "frames": big_h * big_w * (40 + 16 * c),
+        "resize": (3 * big_h * big_w * c * 4 + 2 * frame_bytes) if resized else 0,
+        "frames": big_h * big_w * (40 + 8 * c),
     }
-    peak = parts["data"] + parts["parameters"] + max(parts[k] for k in _TRANSIENT)
+    parts["retained"] = int(parts["activations"] * (_heap_factor(config, batch * widest * 4) - 1))
+    peak = parts["data"] + parts["parameters"] + parts["retained"] + max(parts[k] for k in _TRANSIENT)
     parts["overhead"] = int(OVERHEAD_BYTES + OVERHEAD_FRACTION * peak)
     return parts
 
 
 def _heap_factor(config, tensor_bytes: int) -> float:
-    """Resident memory per live byte of a training step's activations on CPU/MPS.
+    """Resident bytes per live byte of a training step's activations on CPU/MPS, for activation tensors of
+    ``tensor_bytes`` (batch x the widest layer).
 
-    glibc serves blocks below its mmap threshold (which adapts up to 32 MiB) from the heap and keeps what is
-    freed: with a SIREN's 16 MiB activations (16384 points x 256 floats) resident memory settled at twice
-    the live bytes over 150 steps (400 MiB measured for 172 MiB live); 64 MiB blocks are returned at once."""
-    if str(getattr(config, "device", "cpu")).startswith("cuda") or tensor_bytes >= HEAP_BLOCK_LIMIT:
+    glibc serves blocks below its mmap threshold (which adapts up to 32 MiB) from its heap and keeps what is
+    freed, so resident memory grows over the first steps well beyond the live activations and stays there
+    for the rest of the run (what is rendered afterwards comes on top). Measured over 60-150 CPU steps, after
+    the one-time cost of a first fit: SIREN 256x4 with 4096 / 8192 / 16384 points (4-16 MiB tensors) 2.4x /
+    2.7x / 2.7-3.0x the live bytes, with 32768 points (32 MiB, mmap-ed) 1.03x; the grid field 1.5x."""
+    if str(getattr(config, "device", "cpu")).startswith("cuda"):
         return 1.0
-    return HEAP_FRAGMENTATION
+    return HEAP_FRAGMENTATION if HEAP_BLOCK_MIN <= tensor_bytes < HEAP_BLOCK_LIMIT else 1.0
 
 
 _TRANSIENT = ("scaling", "activations", "render", "resize", "frames")
@@ -286,7 +288,7 @@ def estimate_fit_bytes(shape, config, *, input_shape=None) -> int:
         t, h, w, c = (int(v) for v in shape)
         parts["data"] = t * h * w * c * 4  # the resized working copy stays on the host
         transient = tuple(k for k in _TRANSIENT if k not in _HOST_ONLY)
-    peak = parts["data"] + parts["parameters"] + max(parts[k] for k in transient)
+    peak = parts["data"] + parts["parameters"] + parts["retained"] + max(parts[k] for k in transient)
     return int(peak + OVERHEAD_BYTES + OVERHEAD_FRACTION * peak)
 
 

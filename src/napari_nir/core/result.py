@@ -97,6 +97,7 @@ class FusionResult:
     def frames(self, *, dtype: str = "input") -> np.ndarray:
         """(T, H, W[, C]) per-frame reconstructions in the burst's layout, units and dtype (or "float32")."""
         b = self._burst
+        _check_dtype(dtype)
         out = np.empty((b.T, b.H, b.W, b.C), dtype=np.float32)
         for t in range(b.T):
             out[t] = render.render_frame(self._model, t, b.H, b.W, self.config.value_range, self._device)
@@ -114,6 +115,7 @@ class FusionResult:
         canonical pixels (the frames' average pose).
         """
         extent, scale = _check_extent(extent), _check_scale(scale)
+        _check_dtype(dtype)
         if self.is_flow:
             view = render.render_canonical_flow(self._model, self._input_norm, self.config.value_range,
                                                 self._device, extent=extent, scale=scale, w=w)
@@ -272,6 +274,11 @@ class SeparationResult(FusionResult):
 
     def __repr__(self) -> str:
         return super().__repr__().replace("<FusionResult", f"<SeparationResult task={self.task!r}")
+
+
+def _check_dtype(dtype) -> None:
+    if dtype not in ("input", "float32"):
+        raise ValueError(f"unknown output dtype {dtype!r}; use 'input' (the burst's dtype) or 'float32'")
 
 
 def _check_extent(extent: str) -> str:
