@@ -12,4 +12,11 @@ from .core.fit import ProgressEvent
 from .core.result import FusionResult, SeparationResult, load
 from .core.tasks import TASKS
 
-__all__ = ["__version__", "fuse", "separate", "FusionJob", "SeparationJob", "SeparationResult", "TASKS", "load", "FusionResult", "ProgressEvent"]
+
+def add_result_to_viewer(viewer, fit, source_name: str = "burst", **kwargs):
+    """Add (or replace) a result's layers in a napari viewer; see ``napari_nir._layers.add_result_to_viewer``."""
+    from ._layers import add_result_to_viewer as add
+
+    return add(viewer, fit, source_name, **kwargs)
+
+__all__ = ["__version__", "fuse", "separate", "FusionJob", "SeparationJob", "SeparationResult", "TASKS", "load", "FusionResult", "ProgressEvent", "add_result_to_viewer"]

@@ -1,0 +1,327 @@
+"""The "Fuse burst" dock widget and the result -> layers helpers, in a real napari viewer (under Xvfb).
+
+Small bursts (4 x 48 x 48 RGB), few steps and small batches keep the whole file fast on a 2-core CPU.
+Set NIR_SCREENSHOTS=1 to (re)write docs/images/fuse_widget.png from ``test_screenshot``.
+"""
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gui
+
+napari = pytest.importorskip("napari")
+
+from napari_nir import _widgets  # noqa: E402
+from napari_nir._layers import META_KEY, OWNER_KEY, add_result_to_viewer, fusion_layer_data  # noqa: E402
+from napari_nir._widgets import FuseWidget, burst_data  # noqa: E402
+
+FAST = {"preview_every": 5, "batch": 2048}  # small batches: 48 x 48 frames need no more
+TIMEOUT_MS = 60_000
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "images" / "fuse_widget.png"
+
+
+@pytest.fixture(scope="module")
+def frames():
+    from napari_nir._sample_data import homography_burst
+
+    return homography_burst(4, (48, 48), seed=1).frames  # (4, 48, 48, 3) float32
+
+
+@pytest.fixture
+def notes(monkeypatch):
+    """Notifications shown by the widget module, by kind."""
+    seen = {"error": [], "warning": [], "info": []}
+    for kind in seen:
+        monkeypatch.setattr(_widgets, f"show_{kind}", lambda message, kind=kind: seen[kind].append(str(message)))
+    return seen
+
+
+def _docked(make_napari_viewer, frames, steps=30, **viewer_kwargs):
+    viewer = make_napari_viewer(**viewer_kwargs)
+    layer = viewer.add_image(frames.copy(), rgb=True, name="burst")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-nir", "Fuse burst")
+    assert isinstance(widget, FuseWidget)
+    widget.layer.value = layer
+    widget.steps.value = steps
+    widget.device.value = "cpu"
+    widget.fit_options = dict(FAST)
+    return viewer, layer, widget
+
+
+def _wait(qtbot, widget):
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
+
+
+def _names(viewer):
+    return [layer.name for layer in viewer.layers]
+
+
+def test_fuse_adds_layers(make_napari_viewer, qtbot, frames, notes):
+    viewer, layer, widget = _docked(make_napari_viewer, frames)
+    layer.scale = (1.0, 0.5, 0.25)
+    layer.translate = (0.0, 10.0, -5.0)
+    before = layer.data.copy()
+    inserted = []
+    viewer.layers.events.inserted.connect(lambda event: inserted.append(event.value.name))
+
+    with qtbot.waitSignal(widget.finished, timeout=TIMEOUT_MS) as done:
+        worker = widget.run()
+        assert worker is not None and widget.worker is worker
+        assert widget.run_button.text == "Cancel"
+    assert done.args == ["done"]
+    assert widget.worker is None and widget.run_button.text == "Run"
+
+    assert "burst preview" in inserted  # the live preview was shown ...
+    assert _names(viewer) == ["burst", "burst canonical", "burst frames", "burst outlines"]  # ... and removed
+    canonical, per_frame, outlines = (viewer.layers[n] for n in ("burst canonical", "burst frames", "burst outlines"))
+    assert isinstance(canonical, napari.layers.Image) and canonical.rgb
+    assert canonical.data.ndim == 3 and canonical.data.shape[-1] == 3 and canonical.data.dtype == np.float32
+    assert min(canonical.data.shape[:2]) >= 48  # the union of all frames
+    assert isinstance(per_frame, napari.layers.Image) and per_frame.rgb
+    assert per_frame.data.shape == frames.shape and per_frame.data.dtype == frames.dtype
+    assert isinstance(outlines, napari.layers.Shapes) and outlines.nshapes == 4
+    assert all(s.shape == (4, 2) for s in outlines.data) and set(outlines.shape_type) == {"polygon"}
+    np.testing.assert_allclose(canonical.scale, [0.5, 0.25])
+    np.testing.assert_allclose(canonical.translate, [10.0, -5.0])
+    np.testing.assert_allclose(per_frame.scale, [1.0, 0.5, 0.25])
+    np.testing.assert_allclose(outlines.scale, [0.5, 0.25])
+    for out in (canonical, per_frame, outlines):
+        meta = out.metadata[META_KEY]
+        assert meta["software"] == "napari-nir" and meta["steps_run"] == 30 and meta["completed"]
+        assert meta["parameters"]["motion"] == "homography" and meta["device"] == "cpu"
+        assert out.metadata[OWNER_KEY]["source"] == "burst"
+    assert widget.last_result is not None and widget.last_result.final_psnr > 10
+    assert np.array_equal(layer.data, before) and layer.data.dtype == before.dtype
+    assert not notes["error"] and any("PSNR" in m for m in notes["info"])
+
+
+def test_cancel_then_rerun(make_napari_viewer, qtbot, frames, notes):
+    import torch
+
+    threads = torch.get_num_threads()
+    viewer, layer, widget = _docked(make_napari_viewer, frames, steps=3000)
+    worker = widget.run()
+    events = []
+
+    def first_event(event):
+        events.append(event.step)
+        if len(events) == 1:
+            widget.cancel()
+
+    worker.yielded.connect(first_event)
+    assert widget.run_button.text == "Cancel"
+    assert widget.run() is None  # a second run while one is running: refused with a warning
+    assert notes["warning"] and widget.worker is worker
+    with qtbot.waitSignal(widget.finished, timeout=TIMEOUT_MS) as done:
+        pass
+    assert done.args == ["cancelled"]
+    _wait(qtbot, widget)
+    assert len(events) <= 3  # stopped within a step or two
+    assert _names(viewer) == ["burst"]  # no result layers, no preview layer
+    assert widget.run_button.text == "Run" and widget.run_button.enabled and widget.layer.enabled
+    assert not notes["error"]
+    del worker
+    gc.collect()
+    assert torch.get_num_threads() == threads  # the worker's cap is undone
+
+    widget.steps.value = 20
+    assert widget.run() is not None
+    _wait(qtbot, widget)
+    assert _names(viewer) == ["burst", "burst canonical", "burst frames", "burst outlines"]
+    assert viewer.layers["burst canonical"].metadata[META_KEY]["steps_run"] == 20
+
+
+def test_bad_layers_are_refused(make_napari_viewer, qtbot, frames, notes, monkeypatch):
+    viewer = make_napari_viewer()
+    widget = FuseWidget(viewer)  # directly, not through the plugin manager
+    assert widget.run() is None and "no image layer" in notes["error"][-1]
+
+    labels = viewer.add_labels(np.zeros((4, 48, 48), dtype=np.uint8), name="labels")
+    assert labels not in widget.layer.choices  # only Image layers are offered
+    with pytest.raises(TypeError, match="Image layer"):
+        burst_data(labels)
+
+    cases = {
+        "flat": (viewer.add_image(frames[0, ..., 0].copy(), name="flat"), "single 2-D image"),
+        "photo": (viewer.add_image(frames[0].copy(), rgb=True, name="photo"), "one RGB image"),
+        "volumes": (viewer.add_image(np.random.rand(3, 4, 32, 32).astype(np.float32), rgb=False,
+                                     name="volumes"), "T×Z×Y×X"),
+        "nans": (viewer.add_image(np.where(frames > 0.9, np.nan, frames), rgb=True, name="nans"), "NaN"),
+        "tiny": (viewer.add_image(np.random.rand(1, 48, 48).astype(np.float32), name="tiny"), "frame"),
+    }
+    n_layers = len(viewer.layers)
+    for name, (layer, expected) in cases.items():
+        assert layer in widget.layer.choices
+        widget.layer.value = layer
+        before = len(notes["error"])
+        assert widget.run() is None, name
+        assert len(notes["error"]) == before + 1, name
+        assert expected.lower() in notes["error"][-1].lower(), (name, notes["error"][-1])
+        assert widget.worker is None and widget.run_button.text == "Run"
+    assert len(viewer.layers) == n_layers
+
+    # unpatched, the message reaches napari's notification system (not only the terminal)
+    from napari.utils import notifications
+
+    reached = []
+    monkeypatch.setattr(_widgets, "show_error", notifications.show_error)
+    notifications.notification_manager.notification_ready.connect(reached.append)
+    try:
+        widget.layer.value = cases["flat"][0]
+        assert widget.run() is None
+    finally:
+        notifications.notification_manager.notification_ready.disconnect(reached.append)
+    assert any("single 2-D image" in str(n.message) for n in reached)
+
+
+def test_error_in_worker_is_shown(make_napari_viewer, qtbot, frames, notes, monkeypatch):
+    from napari_nir.core import api
+
+    def broken(self):
+        raise RuntimeError("the GPU ran out of memory (simulated); use device='cpu'")
+
+    monkeypatch.setattr(api.FusionJob, "result", broken)
+    viewer, _, widget = _docked(make_napari_viewer, frames, steps=10)
+    with qtbot.waitSignal(widget.finished, timeout=TIMEOUT_MS) as done:
+        widget.run()
+    assert done.args == ["error"]
+    assert widget.worker is None and widget.run_button.text == "Run"
+    assert notes["error"] and "out of memory (simulated)" in notes["error"][-1]
+    assert _names(viewer) == ["burst"]
+
+
+def test_rerun_replaces_only_own_layers(make_napari_viewer, qtbot, frames, notes):
+    viewer, layer, widget = _docked(make_napari_viewer, frames, steps=20)
+    mine = viewer.add_image(np.ones((10, 10), np.float32), name="burst canonical")  # the user's, same name
+    similar = viewer.add_shapes([np.array([[0, 0], [5, 0], [5, 5]])], shape_type="polygon",
+                               name="burst outlines (mine)")
+    mine_data, similar_data = mine.data.copy(), [s.copy() for s in similar.data]
+    widget.layer.value = layer
+
+    widget.run()
+    _wait(qtbot, widget)
+    first = _names(viewer)
+    assert "burst canonical [1]" in first  # ours, renamed by napari because the user had the name
+    ours = viewer.layers["burst canonical [1]"]
+    assert ours.metadata[META_KEY]["seed"] == 0
+
+    widget.seed.value = 7
+    widget.run()
+    _wait(qtbot, widget)
+    assert _names(viewer) == first  # replaced in place: no duplicates
+    assert viewer.layers["burst canonical [1]"].metadata[META_KEY]["seed"] == 7
+    assert viewer.layers["burst outlines"].metadata[META_KEY]["seed"] == 7
+    assert viewer.layers["burst canonical"] is mine and np.array_equal(mine.data, mine_data)
+    assert OWNER_KEY not in mine.metadata
+    assert viewer.layers["burst outlines (mine)"] is similar
+    assert all(np.array_equal(a, b) for a, b in zip(similar.data, similar_data))
+    assert not notes["error"]
+
+
+def test_flow_run_replaces_homography_layers(make_napari_viewer, qtbot, frames, notes):
+    viewer, _, widget = _docked(make_napari_viewer, frames, steps=10)
+    widget.run()
+    _wait(qtbot, widget)
+    assert "burst outlines" in viewer.layers
+    widget.motion.value = "flow"
+    widget.run()
+    _wait(qtbot, widget)
+    assert not notes["error"], notes["error"]
+    assert _names(viewer) == ["burst", "burst canonical", "burst frames", "burst flow", "burst flow magnitude"]
+    assert "burst outlines" not in viewer.layers  # stale outlines removed
+    assert viewer.layers["burst canonical"].metadata[META_KEY]["parameters"]["motion"] == "flow"
+
+
+def test_console_helper(make_napari_viewer, frames):
+    import napari_nir as nir
+
+    viewer = make_napari_viewer()
+    viewer.add_image(frames, rgb=True, name="burst", scale=(1, 2, 2))
+    fit = nir.fuse(frames, steps=20, device="cpu", batch=2048)
+    layers = add_result_to_viewer(viewer, fit, "burst")
+    assert [lay.name for lay in layers] == ["burst canonical", "burst frames", "burst outlines"]
+    np.testing.assert_allclose(layers[0].scale, [2, 2])
+    assert layers[0].rgb and layers[1].data.shape == frames.shape
+    assert layers[0].metadata[META_KEY]["input"]["shape"] == list(frames.shape)
+    again = add_result_to_viewer(viewer, fit, "burst")
+    assert len(viewer.layers) == 4 and again[0] is layers[0]
+
+    grey = frames.mean(-1)  # (T, H, W): no colour axis
+    gfit = nir.fuse(grey, steps=20, device="cpu", batch=2048)
+    data = fusion_layer_data(gfit, "grey")
+    assert [kw["rgb"] for _, kw, _ in data[:2]] == [False, False]
+    assert data[0][0].ndim == 2 and data[1][0].shape == grey.shape
+    add_result_to_viewer(viewer, gfit, "grey")
+    assert "grey canonical" in viewer.layers and not viewer.layers["grey canonical"].rgb
+
+
+def test_screenshot(make_napari_viewer, qtbot, notes):
+    from napari_nir._sample_data import homography_burst
+
+    write = os.environ.get("NIR_SCREENSHOTS") == "1"
+    if write:  # the documentation image: a bigger burst, a proper fit
+        sample = homography_burst(6, (128, 128), seed=2, translation=0.15)
+        steps = 300
+    else:
+        sample = homography_burst(4, (48, 48), seed=1)
+        steps = 20
+    viewer, layer, widget = _docked(make_napari_viewer, sample.frames, steps=steps, show=True)
+    viewer.window.resize(1200, 760)
+    widget.run()
+    _wait(qtbot, widget)
+    assert "burst canonical" in viewer.layers and not notes["error"]
+    layer.visible = False
+    viewer.reset_view()
+    qtbot.wait(200)
+    shot = viewer.screenshot(canvas_only=False)
+    assert shot.ndim == 3 and shot.shape[-1] == 4 and float(shot[..., :3].std()) > 0
+    if write:
+        import imageio.v3 as iio
+
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        iio.imwrite(SCREENSHOT, shot[..., :3])
+
+
+@pytest.mark.parametrize("task", ["rain", "fence"])
+def test_separate_widget_from_the_task_table(make_napari_viewer, qtbot, task, notes):
+    from napari_nir import TASKS
+    from napari_nir._sample_data import separation_burst
+    from napari_nir._widgets import SeparateWidget
+
+    viewer = make_napari_viewer()
+    burst = separation_burst(task, 3, (32, 32)).frames
+    layer = viewer.add_image(burst.copy(), rgb=True, name="burst")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-nir", "Separate layers")
+    assert isinstance(widget, SeparateWidget)
+    assert list(widget.task.choices) == list(TASKS)  # generated from the table
+    widget.layer.value, widget.task.value = layer, task
+    widget.steps.value, widget.device.value = 10, "cpu"
+    widget.fit_options = dict(FAST)
+    assert widget.run() is not None
+    _wait(qtbot, widget)
+    names = _names(viewer)
+    for name in TASKS[task].layers:
+        assert f"burst {name}" in names
+    alpha = viewer.layers["burst alpha"]
+    assert alpha.data.shape == (3, 32, 32) and alpha.data.dtype == np.float32
+    assert viewer.layers["burst scene"].metadata[META_KEY]["parameters"]["task"] == task
+    assert np.array_equal(layer.data, burst)
+    assert not notes["error"]
+
+
+def test_flow_fit_gives_vectors_and_magnitude(make_napari_viewer, frames):
+    import napari_nir as nir
+
+    viewer = make_napari_viewer()
+    viewer.add_image(frames.copy(), rgb=True, name="burst")
+    fit = nir.fuse(frames, "flow", steps=10, device="cpu", **FAST)
+    add_result_to_viewer(viewer, fit, "burst")
+    vectors = viewer.layers["burst flow"]
+    assert type(vectors).__name__ == "Vectors" and vectors.data.shape[1:] == (2, 3)
+    assert viewer.layers["burst flow magnitude"].data.shape == (4, 48, 48)
+    assert "burst outlines" not in _names(viewer)
