@@ -29,7 +29,10 @@ per_step = (times[-1] - times[4]) / (len(times) - 5)
 model = fit._model
 params = sum(p.numel() for p in model.parameters())
 gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-print(json.dumps({"per_step": per_step, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+# VmHWM: this process's own peak (ru_maxrss is inherited from the parent across fork + exec)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")]
+rss = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"per_step": per_step, "rss_mb": rss,
                   "gpu_mb": gpu, "params": params, "batch": fit.config.batch,
                   "levels": len(model.field.grids), "features": model.field.grids[0].shape[1],
                   "hidden": model.field.mlp[0].out_features, "channels": burst.shape[-1]}))

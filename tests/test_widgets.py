@@ -325,3 +325,56 @@ def test_flow_fit_gives_vectors_and_magnitude(make_napari_viewer, frames):
     assert type(vectors).__name__ == "Vectors" and vectors.data.shape[1:] == (2, 3)
     assert viewer.layers["burst flow magnitude"].data.shape == (4, 48, 48)
     assert "burst outlines" not in _names(viewer)
+
+
+def test_every_sample_opens(make_napari_viewer):
+    """File > Open Sample: every napari-nir sample, with its ground truth as hidden layers."""
+    import yaml
+
+    import napari_nir
+
+    manifest = yaml.safe_load(Path(napari_nir.__file__).with_name("napari.yaml").read_text())
+    viewer = make_napari_viewer()
+    for entry in manifest["contributions"]["sample_data"]:
+        before = len(viewer.layers)
+        viewer.open_sample("napari-nir", entry["key"])
+        added = list(viewer.layers)[before:]
+        assert added and added[0].visible and added[0].data.ndim >= 3
+        assert all(not layer.visible for layer in added[1:])
+
+
+SCREENSHOT_RUNS = {  # docs/images/<name>.png: widget, settings, sample maker
+    "flow_widget": ("Fuse burst", {"motion": "flow"}, "make_flow_sample", 400),
+    "occlusion_widget": ("Fuse burst", {"motion": "occlusion"}, "make_occlusion_sample", 400),
+    **{f"{task}_widget": ("Separate layers", {"task": task}, f"make_{task}_sample", 600)
+       for task in ("reflection", "fence", "rain", "moire")},
+}
+
+
+@pytest.mark.skipif(os.environ.get("NIR_SCREENSHOTS") != "1", reason="writes docs/images; set NIR_SCREENSHOTS=1")
+@pytest.mark.parametrize("name", list(SCREENSHOT_RUNS))
+def test_task_screenshots(make_napari_viewer, qtbot, name, notes):
+    """The documentation screenshots: each task's result in the real viewer (real pixels)."""
+    from napari_nir import _sample_data
+
+    widget_name, settings, maker, steps = SCREENSHOT_RUNS[name]
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1200, 760)
+    data, kwargs, _ = getattr(_sample_data, maker)()[0]
+    layer = viewer.add_image(data, **kwargs)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-nir", widget_name)
+    widget.layer.value = layer
+    for key, value in settings.items():
+        getattr(widget, key).value = value
+    widget.steps.value, widget.device.value = steps, "cpu"
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=600_000)
+    assert not notes["error"], notes["error"]
+    layer.visible = False
+    viewer.reset_view()
+    qtbot.wait(300)
+    shot = viewer.screenshot(canvas_only=False)
+    assert float(shot[..., :3].std()) > 0
+    import imageio.v3 as iio
+
+    iio.imwrite(SCREENSHOT.parent / f"{name}.png", shot[..., :3])

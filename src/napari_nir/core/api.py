@@ -117,7 +117,7 @@ class FusionJob:
         try:
             with cpu_fit_settings(self.device):
                 self.model = build_model(frames, self.config, self.device)
-                for event in fit_steps(self.model, frames, self.config, self.device):
+                for event in fit_steps(self.model, frames, self.config, self.device, start=start):
                     self.history.append({"step": event.step, "seconds": round(event.seconds, 4), "loss": event.loss,
                                          "psnr": event.psnr})
                     self._seconds = time.perf_counter() - start

@@ -341,12 +341,15 @@ def make_model(config: FitConfig, shape: tuple[int, int, int, int], domain, *, i
     return model
 
 
-def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: torch.device):
+def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: torch.device,
+              start: float | None = None):
     """Generator: optimise ``model`` on (T, h, w, C) working frames, yielding ``ProgressEvent``s.
 
     ``model(frame_index (N,), xy (N, 2)) -> (N, C)`` predicts pixels; it also provides the hooks
     ``parameter_groups``, ``set_progress``, ``regulariser`` and ``preview`` (see FusionModel).
     Stop early by closing the generator (or simply not resuming it): the model keeps its current state.
+    start: ``time.perf_counter()`` value that event.seconds count from (default: now); a job passes the time
+    before it built the model, so that the feature-based start is included in the reported times.
     """
     t, h, w, c = frames.shape
     lo, hi = config.value_range
@@ -357,7 +360,7 @@ def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: t
     optimiser = torch.optim.Adam(model.parameter_groups(config))
     base_lrs = [g["lr"] for g in optimiser.param_groups]
     warmup_steps = int(config.motion_warmup * config.steps)
-    start = time.perf_counter()
+    start = time.perf_counter() if start is None else start
     loss_fn = torch.nn.functional.l1_loss if config.loss == "l1" else torch.nn.functional.mse_loss
     mse_to_unit = 1.0 / (hi - lo) ** 2
     for step in range(1, config.steps + 1):

@@ -163,6 +163,23 @@ class FusionResult:
         d = (x_s - xy).numpy() * self._input_norm.s
         return d[:, ::-1].reshape(b.H, b.W, 2).astype(np.float32)
 
+    def canonical_in_frame(self, t: int = 0, *, w: float | None = None, dtype: str = "input") -> np.ndarray:
+        """(H, W[, C]) the canonical view resampled on frame t's pixel grid: f(W_t(x)) with the occlusion
+        coordinate replaced by ``w`` (default: the dominant one), i.e. what frame t would show without the
+        things the occlusion model put on other w slices (the background behind a moving object)."""
+        _check_dtype(dtype)
+        b = self._burst
+        if not 0 <= int(t) < b.T:
+            raise ValueError(f"frame index t={t} is out of range 0..{b.T - 1}")
+        xy = self._frame_points()
+        p = render.warp_points(self._model, int(t), xy, self._device)
+        if p.shape[1] == 3:
+            if w is None:
+                w = render.dominant_w(self._model, self._input_norm, self._device)
+            p[:, 2] = float(w)
+        values = render.render_points(self._model, None, p, self.config.value_range, self._device)
+        return b.restore(values.reshape(b.H, b.W, -1), dtype=dtype)
+
     def occlusion_w(self) -> np.ndarray:
         """(T, H, W) float32 in [-1, 1]: the occlusion coordinate w of every frame's pixels (motion="occlusion");
         pixels of a moving object get a different w from the background they hide."""
