@@ -150,7 +150,8 @@ class FuseWidget(Container):
         self._viewer = napari_viewer
         self.layer = ComboBox(name="layer", label="burst", choices=self._layer_choices,
                               tooltip=f"Image layer holding {ACCEPTED}")
-        self.motion = ComboBox(name="motion", label="motion", choices=list(MOTIONS), value=MOTIONS[0],
+        self.motion = ComboBox(name="motion", label="motion", choices=list(self.motion_choices),
+                               value=self.motion_choices[0],
                                tooltip="homography: camera rotation / planar scene; flow: non-rigid motion; "
                                        "occlusion: flow where things hide and reveal each other")
         self.preset = ComboBox(name="preset", label="preset", choices=list(PRESETS), value=PRESETS[0],
@@ -199,6 +200,7 @@ class FuseWidget(Container):
 
     verb = "Fusing"
     to_layers = staticmethod(fusion_layer_data)
+    motion_choices: tuple[str, ...] = MOTIONS
 
     def _make_job(self, data):
         """The job for the current settings (validates at once: ValueError/TypeError on bad input)."""
@@ -385,6 +387,7 @@ class SeparateWidget(FuseWidget):
 
     verb = "Separating"
     to_layers = staticmethod(separation_layer_data)
+    motion_choices = (TASK_DEFAULT, *MOTIONS)  # static choices: magicgui's reset_choices restores these
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         from .core.tasks import TASKS
@@ -394,8 +397,6 @@ class SeparateWidget(FuseWidget):
                              value=next(iter(TASKS)),
                              tooltip="\n".join(f"{t.title}: {t.description}" for t in TASKS.values()))
         self.insert(1, self.task)
-        self.motion.choices = [TASK_DEFAULT, *MOTIONS]
-        self.motion.value = TASK_DEFAULT
         self.motion.tooltip = "the scene's motion model; 'task default' uses the task table's choice"
 
     def _set_running(self, running: bool) -> None:
