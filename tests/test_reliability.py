@@ -398,7 +398,7 @@ def test_cuda_out_of_memory_ends_the_run_cleanly(monkeypatch):
         built.append(weakref.ref(model))
         return model
 
-    def out_of_memory(model, frames, config, device):
+    def out_of_memory(model, frames, config, device, **kwargs):
         steps = real_fit_steps(model, frames, config, device)
         yield next(steps)
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
