@@ -80,10 +80,20 @@ def canonical_grid(matrices: np.ndarray, norm: Normaliser, domain, extent: str, 
         return matrices[0] @ norm.matrix @ sub, (rows, cols)
     xmin, xmax, ymin, ymax = union_bounds(matrices, norm, domain)
     step = 1.0 / (norm.s * scale)  # normalised units per output pixel
-    cols = max(1, int(math.ceil((xmax - xmin) / step - 1e-6)))
-    rows = max(1, int(math.ceil((ymax - ymin) / step - 1e-6)))
+    rows, cols = _grid_shape(xmin, xmax, ymin, ymax, step)
     to_norm = np.array([[step, 0, xmin + step / 2], [0, step, ymin + step / 2], [0, 0, 1.0]])
     return to_norm, (rows, cols)
+
+
+def _grid_shape(xmin: float, xmax: float, ymin: float, ymax: float, step: float) -> tuple[int, int]:
+    """(rows, cols) of a grid with ``step`` normalised units per pixel covering the box."""
+    return (max(1, int(math.ceil((ymax - ymin) / step - 1e-6))), max(1, int(math.ceil((xmax - xmin) / step - 1e-6))))
+
+
+def _check_size(rows: int, cols: int, scale: float, max_pixels: int) -> None:
+    if rows * cols > max_pixels:
+        raise ValueError(f"canonical view of {rows}x{cols} pixels is too large (limit {max_pixels} pixels); "
+                         f"use a smaller scale (e.g. scale={scale * math.sqrt(max_pixels / (rows * cols)):.2f})")
 
 
 @torch.no_grad()
@@ -95,9 +105,7 @@ def render_canonical(model, matrices: np.ndarray, norm: Normaliser, value_range,
     Rendered in row bands so memory stays proportional to the output.
     """
     to_norm, (rows, cols) = canonical_grid(matrices, norm, model.domain, extent, scale)
-    if rows * cols > max_pixels:
-        raise ValueError(f"canonical view of {rows}x{cols} pixels is too large (limit {max_pixels} pixels); "
-                         f"use a smaller scale (e.g. scale={scale * math.sqrt(max_pixels / (rows * cols)):.2f})")
+    _check_size(rows, cols, scale, max_pixels)
     inverse = torch.as_tensor(np.linalg.inv(matrices), dtype=torch.float64)
     hx, hy = norm.half_extent()
     band = max(1, CHUNK // cols)
@@ -206,11 +214,8 @@ def render_canonical_flow(model, norm: Normaliser, value_range, device, *, exten
     """
     xmin, xmax, ymin, ymax = flow_bounds(model, norm, device, None if extent == "union" else [0])
     step = 1.0 / (norm.s * scale)
-    cols = max(1, int(math.ceil((xmax - xmin) / step - 1e-6)))
-    rows = max(1, int(math.ceil((ymax - ymin) / step - 1e-6)))
-    if rows * cols > max_pixels:
-        raise ValueError(f"canonical view of {rows}x{cols} pixels is too large (limit {max_pixels} pixels); "
-                         f"use a smaller scale (e.g. scale={scale * math.sqrt(max_pixels / (rows * cols)):.2f})")
+    rows, cols = _grid_shape(xmin, xmax, ymin, ymax, step)
+    _check_size(rows, cols, scale, max_pixels)
     occlusion = getattr(model.motion, "outputs", 2) == 3
     if occlusion and w is None:
         w = dominant_w(model, norm, device)
@@ -224,8 +229,7 @@ def render_canonical_flow(model, norm: Normaliser, value_range, device, *, exten
         xx, yy = np.meshgrid(xs, ys)
         p = torch.as_tensor(np.stack([xx.ravel(), yy.ravel()], 1), dtype=torch.float32)
         q = torch.cat([p, torch.full((len(p), 1), float(w))], 1) if occlusion else p
-        values = np.concatenate([_to_unit(model.field(q[i:i + CHUNK].to(device)), value_range).float().cpu().numpy()
-                                 for i in range(0, len(q), CHUNK)])
+        values = render_points(model, None, q, value_range, device)
         covered = np.zeros(len(p), dtype=bool)
         for t in range(model.motion.n_frames):
             x = unwarp_points(model, t, p, device).numpy()
