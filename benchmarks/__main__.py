@@ -37,6 +37,21 @@ def markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+HEADLINE = ("<!-- headline -->", "<!-- /headline -->")
+
+
+def kept_headline(path: Path) -> str:
+    """The hand-written headline block (between the HEADLINE markers) of an existing results file, or ""."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return ""
+    start, end = text.find(HEADLINE[0]), text.find(HEADLINE[1])
+    if start < 0 or end < start:
+        return ""
+    return text[start:end + len(HEADLINE[1])] + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, short budgets (< 5 min on 2 cores)")
@@ -44,20 +59,23 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"), help="markdown file to write ('-': none)")
     parser.add_argument("--images", default=str(HERE.parent / "docs" / "images"),
                         help="folder for result images ('-': none)")
-    parser.add_argument("--only", default="fusion,scaling", help="comma-separated sections: fusion, scaling")
+    parser.add_argument("--only", default="fusion,separation,scaling",
+                        help="comma-separated sections: fusion, separation, scaling")
     args = parser.parse_args(argv)
-    from . import fusion, scaling
+    from . import fusion, scaling, separation
 
     info = machine()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     images = None if args.images == "-" else Path(args.images)
     sections = {s.strip() for s in args.only.split(",")}
-    unknown = sections - {"fusion", "scaling"}
+    unknown = sections - {"fusion", "separation", "scaling"}
     if unknown:
-        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; use fusion, scaling")
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; use fusion, separation, scaling")
     tables = []
     if "fusion" in sections:
         tables += fusion.run(args.quick, args.device, images)
+    if "separation" in sections:
+        tables += separation.run(args.quick, args.device, images)
     if "scaling" in sections:
         tables += scaling.run(args.quick, args.device)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -65,8 +83,12 @@ def main(argv=None) -> int:
     print(body)
     print(f"peak RSS of the whole benchmark process: {peak_mb:.0f} MB")
     if args.output != "-":
-        head = ["# napari-nir benchmark results", "",
-                f"Command: `python -m benchmarks{' --quick' if args.quick else ''} --device {args.device}`", "",
+        only = "" if sections == {"fusion", "separation", "scaling"} else f" --only {args.only}"
+        out_arg = "" if Path(args.output).resolve() == (HERE / "RESULTS.md").resolve() else \
+            f" --output {Path(args.output).as_posix()}"
+        head = ["# napari-nir benchmark results", "", kept_headline(Path(args.output)),
+                f"Command: `python -m benchmarks{' --quick' if args.quick else ''} --device {args.device}"
+                f"{only}{out_arg}`", "",
                 "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
                 f"Peak RSS of the benchmark process: {peak_mb:.0f} MB", ""]
         Path(args.output).write_text("\n".join(head) + "\n" + body)

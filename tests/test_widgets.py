@@ -310,7 +310,8 @@ def test_separate_widget_from_the_task_table(make_napari_viewer, qtbot, task, no
     alpha = viewer.layers["burst alpha"]
     assert alpha.data.shape == (3, 32, 32) and alpha.data.dtype == np.float32
     params = viewer.layers["burst scene"].metadata[META_KEY]["parameters"]
-    assert params["task"] == task and params["motion"] == TASKS[task].motion  # "task default" motion
+    # "task default" motion: the task table's choice for the preset
+    assert params["task"] == task and params["motion"] == TASKS[task].default_motion(params["preset"])
     viewer.add_image(burst[:, :, :, 0], name="another layer")  # layer events reset the choices
     assert widget.motion.value == "task default"
     assert np.array_equal(layer.data, burst)

@@ -93,3 +93,18 @@ def test_reflection_scene_is_cleaner_than_the_input():
         return -10 * np.log10(((a[inner] - s.clean[inner]) ** 2).mean())
 
     assert psnr(scene) > psnr(s.frames) + 1.0
+
+
+@pytest.mark.parametrize("task", list(nir.TASKS))
+def test_presets_choose_their_own_scene_motion_and_options(task):
+    entry = nir.TASKS[task]
+    fast, paper = separation_config(task, "fast"), separation_config(task, "paper")
+    assert fast.motion == entry.default_motion("fast") and paper.motion == entry.motion
+    for key, value in entry.fast_options.items():
+        assert getattr(fast, key) == value
+    assert separation_config(task, "fast", "flow").motion == "flow"  # an explicit motion wins
+
+
+def test_moire_scene_is_band_limited_in_the_fast_preset():
+    assert separation_config("moire", "fast").grid_density < 1.0
+    assert separation_config("rain", "fast").grid_density == 1.0

@@ -131,13 +131,14 @@ def separation_config(task_name: str, preset: str, motion: str | None = None, **
     from .tasks import get_task
 
     task = get_task(task_name)
-    motion = motion or task.motion
+    motion = motion or task.default_motion(preset)
     if motion not in MOTIONS:
         raise ValueError(f"unknown motion {motion!r}; choose one of {', '.join(MOTIONS)}")
     base = preset_config(motion, preset)
     if preset == "fast":
         config = replace(base, task=task.name, steps=600, scene_warmup=0.3, exposure=False,
-                         flow_smoothness=task.flow_smoothness if motion != "homography" else 0.0)
+                         flow_smoothness=task.flow_smoothness if motion != "homography" else 0.0,
+                         **task.fast_options)
     else:
         paper = task.paper
         config = replace(base, task=task.name, steps=paper["steps"], batch=paper["batch"], loss=paper["loss"],
