@@ -96,6 +96,11 @@ TASKS: dict[str, Task] = {
             compose=_alpha_composite, sparse_of=lambda layers: layers["alpha"], sparsity=0.001,
             layers=("scene", "interference", "alpha"),
             paper={"steps": 3000, "batch": -8, "loss": "mse", "f1_omega0": 90.0, "f2_width": 256},
+            # with our L1 data term the paper's alpha weight (0.001, beside an MSE loss) let alpha saturate to 1
+            # over dark scene regions and the obstruction colour hold the scene there (a layer swap); measured
+            # on the synthetic fence burst (5 x 256^2): scene 18.6 dB at 0.001, 18.9 at 0.01, 22.7 at 0.05,
+            # 22.3 at 0.15
+            fast_options={"sparsity": 0.05},
         ),
         Task(
             name="rain", title="Rain removal",
