@@ -108,3 +108,16 @@ def test_presets_choose_their_own_scene_motion_and_options(task):
 def test_moire_scene_is_band_limited_in_the_fast_preset():
     assert separation_config("moire", "fast").grid_density < 1.0
     assert separation_config("rain", "fast").grid_density == 1.0
+
+
+@pytest.mark.parametrize("task", ["rain", "fence"])
+def test_scene_beats_the_input_by_5_db_on_a_small_crop(task):
+    """Issue 4's goal on a 5 x 96 x 96 crop, default fast preset (measured: rain +14.1 dB, fence +8.4 dB)."""
+    s = separation_burst(task, 5, (96, 96), seed=0)
+    scene = nir.separate(s.frames, task, device="cpu").layers(dtype="float32")["scene"]
+    inner = (slice(None), slice(6, -6), slice(6, -6))
+
+    def psnr(a):
+        return -10 * np.log10(((a[inner] - s.clean[inner]) ** 2).mean())
+
+    assert psnr(scene) > psnr(s.frames) + 5.0
