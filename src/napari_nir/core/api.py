@@ -160,8 +160,8 @@ class SeparationJob(FusionJob):
             raise ValueError(f"unknown motion {motion!r}; choose one of {', '.join(MOTIONS)} (or None for the "
                              f"task's default)")
         self._task = task
-        super().__init__(burst, motion or get_task(task).default_motion(preset), preset=preset, steps=steps, device=device,
-                         seed=seed, **options)
+        super().__init__(burst, motion or get_task(task).default_motion(preset), preset=preset, steps=steps,
+                         device=device, seed=seed, **options)
 
     def _configure(self, motion, preset, **overrides):
         return separation_config(self._task, preset, motion, **overrides)
