@@ -167,3 +167,11 @@ def test_paper_preset_matches_the_official_configuration(small_sample):
     assert widths == [256, 256, 256, 8]
     fit = nir.fuse(small_sample.frames[:2, :32, :32], preset="paper", steps=3, device="cpu")
     assert len(fit.history) == 3 and fit.config.preset == "paper"
+
+
+def test_feature_prefilter_is_validated_and_recorded():
+    frames = homography_burst(3, (32, 32), seed=0).frames
+    with pytest.raises(ValueError, match="feature_prefilter"):
+        nir.fuse(frames, steps=2, device="cpu", feature_prefilter=-1)
+    fit = nir.fuse(frames, steps=2, device="cpu", feature_prefilter=5)
+    assert fit.provenance()["parameters"]["feature_prefilter"] == 5

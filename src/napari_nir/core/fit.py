@@ -59,6 +59,7 @@ class FitConfig:
     occlusion_cells: int = 16  # cells along w of the occlusion model's 3-D canonical
     value_range: tuple[float, float] = (0.0, 1.0)  # intensities the network sees (paper: [-1, 1])
     init: str = "auto"  # "auto" | "features" | "identity"
+    feature_prefilter: int = 0  # median filter (pixels) on the frames before feature matching; 0: none
     working_size: int = 0  # fit on frames downscaled so the longer side is at most this (0: no limit)
     preview_every: int = 50
     seed: int = 0
@@ -84,7 +85,8 @@ class FitConfig:
         for name in ("grid_density", "flow_coarsest", "flow_finest"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, name, v, "use a number > 0")
-        for name, low in (("flow_levels", 1), ("occlusion_cells", 1), ("preview_every", 0), ("flow_knots", 0)):
+        for name, low in (("flow_levels", 1), ("occlusion_cells", 1), ("preview_every", 0), ("flow_knots", 0),
+                          ("feature_prefilter", 0)):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= low, name, v, f"use a whole number >= {low}")
         for name in ("lr_final_fraction", "coarse_to_fine", "coarse_to_fine_featured", "motion_warmup",
@@ -272,6 +274,13 @@ def initial_homographies(frames: np.ndarray, config: FitConfig, norm: motion_mod
     """(T, 3, 3) normalised frame -> canonical start homographies (gauge-centred), or None for identity."""
     if config.init == "identity":
         return None
+    if config.feature_prefilter > 1:
+        # thin obstructions (fence wires, rain streaks) are high-contrast corners that feature matching would
+        # follow instead of the scene; a median filter wider than they are removes them first
+        from scipy.ndimage import median_filter
+
+        k = config.feature_prefilter
+        frames = median_filter(frames, size=(1, k, k, 1)[:frames.ndim])
     pixel = motion_models.feature_homographies(frames, seed=config.seed)
     if pixel is None:
         if config.init == "features":
