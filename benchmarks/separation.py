@@ -22,15 +22,11 @@ import napari_nir as nir
 from napari_nir._sample_data import separation_burst
 from napari_nir.core.motion import feature_homographies
 
+from .fusion import psnr, time_to_psnr
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BASELINES = ("median", "minimum", "mean")
 QUICK_STEPS = 200  # --quick: fast-preset steps per fit (the preset's own 600 otherwise)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of ``a`` against ``b``, both in [0, 1] units."""
-    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return float(-10 * np.log10(max(mse, 1e-12)))
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -43,15 +39,14 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
                           for x, y in zip(a, b)]))
 
 
-def aligned_baselines(frames: np.ndarray) -> tuple[dict[str, np.ndarray], bool]:
+def aligned_baselines(frames: np.ndarray) -> dict[str, np.ndarray]:
     """Per-frame classical estimates of the scene: (T, H, W[, C]) median, minimum and mean of all frames
-    warped onto each frame by feature homographies; identity alignment when feature matching fails
-    (returned flag False), which is right for a static camera."""
+    warped onto each frame by feature homographies; identity alignment when feature matching fails, which is
+    right for a static camera."""
     from skimage.transform import ProjectiveTransform, warp
 
     t_count = len(frames)
     homs = feature_homographies(frames)  # frame t pixel -> frame 0 pixel
-    matched = homs is not None
     if homs is None:
         homs = np.repeat(np.eye(3)[None], t_count, 0)
     out = {name: np.empty_like(frames) for name in BASELINES}
@@ -70,7 +65,7 @@ def aligned_baselines(frames: np.ndarray) -> tuple[dict[str, np.ndarray], bool]:
         out["median"][t] = np.median(stack, 0)
         out["minimum"][t] = stack.min(0)
         out["mean"][t] = stack.mean(0)
-    return out, matched
+    return out
 
 
 def _scene_of(frames: np.ndarray, task: str, device: str, quick: bool = False, **options):
@@ -103,7 +98,7 @@ def synthetic(quick: bool, device: str) -> dict:
         sample = separation_burst(task, 5, size, seed=0)
         frames = sample.frames
         sep, layers, wall = _scene_of(frames, task, device, quick)
-        baselines, _ = aligned_baselines(frames)
+        baselines = aligned_baselines(frames)
         names = ("median", "minimum", "mean") if task == "reflection" else ("median", "mean")
         cells, gain_input, gain_base = _score_rows(layers["scene"], frames, baselines, sample.clean, inner, wall,
                                                    names)
@@ -123,11 +118,6 @@ def synthetic(quick: bool, device: str) -> dict:
             "rows": rows, "notes": notes}
 
 
-def _seconds_to(history: list[dict], target: float) -> float | None:
-    """Seconds at which the training reconstruction PSNR (batch estimate) first reached ``target`` dB."""
-    return next((h["seconds"] for h in history if h["psnr"] >= target), None)
-
-
 def speed(quick: bool, device: str) -> dict:
     """Per task: the fast preset against the paper's configuration (SIRENs, official steps and batches).
 
@@ -143,7 +133,7 @@ def speed(quick: bool, device: str) -> dict:
     for task in nir.TASKS:
         sample = separation_burst(task, 5, size, seed=0)
         fast, layers, fast_wall = _scene_of(sample.frames, task, device, quick)
-        fast_t = _seconds_to(fast.history, target)
+        fast_t = time_to_psnr(fast.history, target)
 
         def stop_at_budget(event):
             return False if event.seconds >= budget else None
@@ -151,7 +141,7 @@ def speed(quick: bool, device: str) -> dict:
         t0 = time.perf_counter()
         paper = nir.separate(sample.frames, task, preset="paper", device=device, seed=0, callback=stop_at_budget)
         paper_wall = time.perf_counter() - t0
-        paper_t = _seconds_to(paper.history, target)
+        paper_t = time_to_psnr(paper.history, target)
         paper_scene = paper.layers(dtype="float32")["scene"]
         if fast_t is not None and paper_t is not None:
             ratio = f"{paper_t / fast_t:.0f}x"
@@ -213,7 +203,7 @@ def real(quick: bool, device: str) -> dict | None:
             continue
         frames, truth = data
         sep, layers, wall = _scene_of(frames, task, device, quick)
-        baselines, matched = aligned_baselines(frames)
+        baselines = aligned_baselines(frames)
         border = max(4, frames.shape[1] // 32)
         inner = (slice(None), slice(border, -border), slice(border, -border))
         cells, gain_input, gain_base = _score_rows(layers["scene"], frames, baselines, truth, inner, wall, names)

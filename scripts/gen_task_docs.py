@@ -23,7 +23,7 @@ def render() -> str:
         paper = ", ".join(f"batch H*W/{-v}" if k == "batch" and v < 0 else f"{k} {v}" for k, v in t.paper.items())
         formation = t.description.split(": ", 1)[-1]
         fast = ", ".join(f"{k} {v}" for k, v in t.fast_options.items()) or "defaults"
-        lines.append(f"| `{t.name}` | {t.title} | {formation} | {t.fast_motion} / {t.motion} | {', '.join(t.layers)} "
+        lines.append(f"| `{t.name}` | {t.title} | {formation} | {t.default_motion('fast')} / {t.motion} | {', '.join(t.layers)} "
                      f"| {t.sparsity} | {t.exclusion} | {fast} | {paper} |")
     lines += ["", "Python: `napari_nir.separate(burst, task=NAME)`; command line: "
               "`napari-nir separate BURST --task NAME -o OUTDIR`; napari: the *Separate layers* widget.", "",

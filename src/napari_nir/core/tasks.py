@@ -22,8 +22,8 @@ class Task:
 
     name: identifier (API, CLI); title, description: for menus, help and docs.
     motion: the scene stream's motion model in the paper's configuration ("homography" | "flow" | "occlusion").
-    fast_motion: the scene stream's default motion in the fast preset (None: ``motion``). Homography for every task so far:
-        on our measurements the flow and occlusion scene streams soaked up part of the interference (a 3-D
+    fast_motion: the scene stream's default motion in the fast preset (None: ``motion``). Homography for every
+        task so far: on our measurements the flow and occlusion scene streams soaked up part of the interference (a 3-D
         occlusion canonical can "reveal" a rain streak), e.g. rain on the synthetic burst: scene 29.7 dB with
         occlusion, 32.3 with flow, 40.0 with homography (benchmarks/separation.py). Pass motion= to override.
     fast_options: FitConfig overrides of the fast preset for this task (see each entry for why).
@@ -84,7 +84,8 @@ TASKS: dict[str, Task] = {
         Task(
             name="reflection", title="Reflection removal",
             description="Remove a reflection seen through glass: I = scene + reflection, each moving differently.",
-            motion="flow", fast_motion="homography", interference_channels=lambda c: c, interference_init=-4.0, compose=_additive,
+            motion="flow", fast_motion="homography", interference_channels=lambda c: c, interference_init=-4.0,
+            compose=_additive,
             sparse_of=lambda layers: layers["interference"], sparsity=0.02, exclusion=0.0005,
             paper={"steps": 3000, "batch": -8, "loss": "mse", "f1_omega0": 30.0, "f2_width": 256},
         ),
@@ -92,7 +93,8 @@ TASKS: dict[str, Task] = {
             name="fence", title="Fence / obstruction removal",
             description="Remove an opaque obstruction (fence, mesh, dirt) nearer the camera: "
                         "I = (1 - alpha) scene + alpha obstruction.",
-            motion="flow", fast_motion="homography", interference_channels=lambda c: c + 1, interference_init=-4.0,
+            motion="flow", fast_motion="homography", interference_channels=lambda c: c + 1,
+            interference_init=-4.0,
             compose=_alpha_composite, sparse_of=lambda layers: layers["alpha"], sparsity=0.001,
             layers=("scene", "interference", "alpha"),
             paper={"steps": 3000, "batch": -8, "loss": "mse", "f1_omega0": 90.0, "f2_width": 256},
@@ -107,14 +109,15 @@ TASKS: dict[str, Task] = {
         Task(
             name="rain", title="Rain removal",
             description="Remove rain streaks: I = (1 - r) scene + r, the scene occlusion-aware.",
-            motion="occlusion", fast_motion="homography", interference_channels=lambda c: 1, interference_init=-4.0, compose=_rain,
+            motion="occlusion", fast_motion="homography", interference_channels=lambda c: 1, interference_init=-4.0,
+            compose=_rain,
             sparse_of=lambda layers: layers["alpha"], sparsity=0.01, layers=("scene", "interference", "alpha"),
             paper={"steps": 5000, "batch": -4, "loss": "l1", "f1_omega0": 30.0, "f2_width": 256},
         ),
         Task(
             name="moire", title="Moire removal",
             description="Remove moire from photos of screens: I = scene(H_t x) + moire(x, t).",
-            motion="homography", fast_motion="homography", interference_channels=lambda c: c, interference_init=0.0,
+            motion="homography", interference_channels=lambda c: c, interference_init=0.0,
             compose=_additive_signed, sparse_of=lambda layers: layers["interference"], sparsity=0.001,
             exclusion=0.002, flow_smoothness=0.0,
             paper={"steps": 3000, "batch": -4, "loss": "mse", "f1_omega0": 30.0, "f2_width": 128},
