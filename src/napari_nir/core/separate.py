@@ -71,6 +71,7 @@ class SeparationModel(nn.Module):
             return self.scene(frame_index, xy)
         image, scene, layers = self.layers_at(frame_index, xy)
         self._last = layers if self.training else None
+        self._last_frames = frame_index if self.training else None
         return image
 
     # -- fit_steps hooks ---------------------------------------------------------------------------
@@ -90,10 +91,19 @@ class SeparationModel(nn.Module):
             return total
         sparsity = self.task.sparsity if config.sparsity is None else config.sparsity
         total = total + sparsity * self.task.sparse_of(self._last).abs().mean()
+        if self.task.zero_mean > 0:
+            total = total + self.task.zero_mean * self.frame_means(self._last["interference"]).abs().mean()
         exclusion = self.task.exclusion if config.exclusion is None else config.exclusion
         if exclusion > 0:
             total = total + exclusion * self.exclusion_loss(generator)
         return total
+
+    def frame_means(self, values: torch.Tensor) -> torch.Tensor:
+        """(T, K) mean of the last batch's (N, K) ``values`` over each frame's points (0 for absent frames)."""
+        frames = self._last_frames
+        sums = torch.zeros(self.n_frames, values.shape[1], device=values.device).index_add(0, frames, values)
+        counts = torch.bincount(frames, minlength=self.n_frames).clamp(min=1).to(values.dtype)
+        return sums / counts[:, None]
 
     def exclusion_loss(self, generator: torch.Generator, patches: int = 16, size: int = 8) -> torch.Tensor:
         """Mean (tanh(a |grad S|) tanh(b |grad B|))^2 over random 8x8 patches of random frames, gradients by
