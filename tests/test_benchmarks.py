@@ -56,9 +56,15 @@ def test_separation_tables_are_produced(monkeypatch):
     monkeypatch.setattr(separation.nir, "separate", lambda *a, **k: real_separate(*a, **{**k, "steps": 20}))
     monkeypatch.setattr(separation, "DATA", Path("/nonexistent"))
     tables = separation.run(True, "cpu", None)
-    assert len(tables) == 2  # quality and speed; real data absent: those tables are skipped, not failed
-    for table in tables:
+    assert len(tables) == 3  # quality, seeds and speed; real data absent: those tables are skipped, not failed
+    quality, over_seeds, speed = tables
+    for table in (quality, speed):
         assert [row[0] for row in table["rows"]] == list(separation.nir.TASKS)
+    assert [row[:2] for row in over_seeds["rows"][:4]] == [["reflection", s] for s in ("0", "1", "2", "mean")]
+    mean_row = over_seeds["rows"][3]
+    gains = [float(row[5]) for row in over_seeds["rows"][:3]]
+    assert abs(float(mean_row[5]) - np.mean(gains)) < 0.011
+    for table in tables:
         assert all(len(row) == len(table["header"]) for row in table["rows"])
         assert "|---|" in markdown(table)
 
