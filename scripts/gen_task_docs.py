@@ -18,13 +18,14 @@ def render() -> str:
              "_Generated from `napari_nir.core.tasks.TASKS` by `scripts/gen_task_docs.py`; do not edit by hand._", "",
              "## Layer separation tasks", "",
              "| task | what it removes | formation | scene motion (fast / paper) | output layers | sparsity | "
-             "exclusion | fast preset | paper preset |", "|---|---|---|---|---|---|---|---|---|"]
+             "exclusion | zero-mean interference | fast preset | paper preset |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for t in TASKS.values():
         paper = ", ".join(f"batch H*W/{-v}" if k == "batch" and v < 0 else f"{k} {v}" for k, v in t.paper.items())
         formation = t.description.split(": ", 1)[-1]
         fast = ", ".join(f"{k} {v}" for k, v in t.fast_options.items()) or "defaults"
         lines.append(f"| `{t.name}` | {t.title} | {formation} | {t.default_motion('fast')} / {t.motion} | {', '.join(t.layers)} "
-                     f"| {t.sparsity} | {t.exclusion} | {fast} | {paper} |")
+                     f"| {t.sparsity} | {t.exclusion} | {t.zero_mean or '-'} | {fast} | {paper} |")
     lines += ["", "Python: `napari_nir.separate(burst, task=NAME)`; command line: "
               "`napari-nir separate BURST --task NAME -o OUTDIR`; napari: the *Separate layers* widget.", "",
               "## Fusion motion models", "", f"`napari_nir.fuse(burst, motion)` with motion one of "

@@ -314,4 +314,8 @@ def test_separate_and_flow_outputs(tmp_path):
     assert cli.main(["fuse", str(src2), "-o", str(out2), "--motion", "flow", "--steps", "3", "--quiet"]) == 0
     flow, meta = io.read_tiff(out2 / "flow.tif")
     assert flow.shape == (2, 24, 24, 2) and (out2 / "flow.png").stat().st_size > 0
+    out3 = tmp_path / "occlusion"
+    assert cli.main(["fuse", str(src2), "-o", str(out3), "--motion", "occlusion", "--steps", "3", "--quiet"]) == 0
+    w, meta = io.read_tiff(out3 / "occlusion_w.tif")
+    assert w.shape == (2, 24, 24) and meta["output"] == "occlusion_w" and np.all(np.abs(w) <= 1)
     assert cli.main(["separate", str(src), "--task", "snow", "-o", str(out)]) == 2

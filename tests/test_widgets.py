@@ -382,3 +382,18 @@ def test_task_screenshots(make_napari_viewer, qtbot, name, notes):
     import imageio.v3 as iio
 
     iio.imwrite(SCREENSHOT.parent / f"{name}.png", shot[..., :3])
+
+
+def test_occlusion_fit_adds_its_depth_map(make_napari_viewer, frames):
+    """The occlusion model's w per frame is a (hidden) layer: where objects left the background's slice."""
+    import napari_nir as nir
+
+    viewer = make_napari_viewer()
+    viewer.add_image(frames.copy(), rgb=True, name="burst")
+    fit = nir.fuse(frames, "occlusion", steps=10, device="cpu", **FAST)
+    add_result_to_viewer(viewer, fit, "burst")
+    w = viewer.layers["burst occlusion w"]
+    assert w.data.shape == (4, 48, 48) and not w.visible
+    np.testing.assert_array_equal(w.data, fit.occlusion_w())
+    add_result_to_viewer(viewer, nir.fuse(frames, "flow", steps=10, device="cpu", **FAST), "burst")
+    assert "burst occlusion w" not in _names(viewer)  # a later flow fit of the same source replaces it

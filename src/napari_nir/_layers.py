@@ -30,7 +30,7 @@ __all__ = ["OWNER_KEY", "META_KEY", "fusion_layer_data", "add_layer_data", "add_
 
 META_KEY = "napari_nir"
 OWNER_KEY = "napari_nir_owner"
-FUSION_ROLES = ("canonical", "frames", "outlines", "flow", "flow magnitude")  # a later fit of the same source replaces these
+FUSION_ROLES = ("canonical", "frames", "outlines", "flow", "flow magnitude", "occlusion w")  # a later fit of the same source replaces these
 
 # edge colours of the frame outlines (matplotlib's tab10), cycled over the frames
 OUTLINE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -132,7 +132,9 @@ def fusion_layer_data(fit: FusionResult, source_name: str = "burst", *, scale: S
 def flow_layer_data(fit: FusionResult, source_name: str, *, t_scale=1.0, t_shift=0.0, yx_scale=(1.0, 1.0),
                     yx_shift=(0.0, 0.0), step: int | None = None) -> list[LayerDataTuple]:
     """Flow models: "<source> flow" Vectors (arrows every ``step`` pixels, per frame, frame -> canonical) and
-    "<source> flow magnitude" (T, H, W) float32 pixels, both on the frames' grid."""
+    "<source> flow magnitude" (T, H, W) float32 pixels, both on the frames' grid; the occlusion model adds
+    "<source> occlusion w" (T, H, W) float32 in [-1, 1]: the depth slice of every pixel (moving objects apart from
+    the background's 0)."""
     flow = fit.flow()  # (T, H, W, 2) (d_row, d_col)
     t, h, w, _ = flow.shape
     step = step or max(4, min(h, w) // 24)
@@ -152,7 +154,11 @@ def flow_layer_data(fit: FusionResult, source_name: str, *, t_scale=1.0, t_shift
         (np.hypot(flow[..., 0], flow[..., 1]).astype(np.float32),
          {"name": f"{source_name} flow magnitude", "colormap": "magma", "visible": False, "scale": scale3,
           "translate": shift3, "metadata": _metadata(fit, source_name, "flow magnitude", unit="pixels")}, "image"),
-    ]
+    ] + ([] if fit.motion != "occlusion" else [
+        (fit.occlusion_w(),
+         {"name": f"{source_name} occlusion w", "colormap": "twilight_shifted", "contrast_limits": (-1.0, 1.0),
+          "visible": False, "scale": scale3, "translate": shift3,
+          "metadata": _metadata(fit, source_name, "occlusion w", unit="depth coordinate in [-1, 1]")}, "image")])
 
 
 def separation_layer_data(sep, source_name: str = "burst", *, scale: Sequence[float] | None = None,

@@ -5,7 +5,8 @@
     napari-nir demo [-o OUTDIR] [--steps N] [--device ...] [--overwrite]
 
 Outputs (written only after the fit succeeded, all at once, never half): canonical.tif, frames.tif,
-homographies.json (homography motion) or flow.tif (flow motions), side_by_side.png, provenance.json; the demo
+homographies.json (homography motion) or flow.tif and flow.png (flow motions; occlusion also occlusion_w.tif),
+side_by_side.png, provenance.json; the demo
 adds input.tif. Exit codes: 0 done; 2 bad input or arguments (one line on stderr); 130 cancelled (Ctrl-C);
 1 an unexpected error (with a traceback).
 """
@@ -38,6 +39,8 @@ HOMOGRAPHY_CONVENTION = (
     "the canonical view described under 'canonical' (divide by w); pixel centres are at integer coordinates, "
     "(0, 0) is the centre of the top-left pixel; frame t -> frame s is inv(H[s]) @ H[t]"
 )
+OCCLUSION_W_CONVENTION = ("occlusion_w.tif is (T, H, W) float32 in [-1, 1]: each frame pixel's depth coordinate w in "
+                          "the occlusion model's 3-D canonical; the background sits at 0, moving objects elsewhere")
 FLOW_CONVENTION = ("flow.tif is (T, H, W, 2) float32: the displacement (d_row, d_col) in pixels from each frame "
                    "pixel to the canonical view")
 
@@ -110,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     fuse = sub.add_parser(
         "fuse", help="fuse a burst (multi-page TIFF or folder of frames) into OUTDIR",
         description="Fuse a burst into one canonical view aligned by a learned motion model, and write "
-                    "canonical.tif, frames.tif, homographies.json (homography) or flow.tif (flow, occlusion), "
+                    "canonical.tif, frames.tif, homographies.json (homography) or flow.tif and flow.png (flow, "
+                    "occlusion; occlusion also occlusion_w.tif, each pixel's depth slice), "
                     "side_by_side.png and provenance.json into OUTDIR.",
         epilog=f"motion models: {', '.join(MOTIONS)}; presets: {', '.join(PRESETS)}. Example: "
                f"{PROG} fuse burst.tif -o out/ --motion homography --steps 400",
@@ -236,6 +240,7 @@ def _cmd_demo(args) -> int:
 
 def _output_names(motion: str, *, demo: bool) -> list[str]:
     alignment = ["homographies.json"] if motion == "homography" else ["flow.tif", "flow.png"]
+    alignment += ["occlusion_w.tif"] if motion == "occlusion" else []
     names = ["canonical.tif", "frames.tif", *alignment, "side_by_side.png", "provenance.json"]
     return names + ["input.tif"] if demo else names
 
@@ -342,6 +347,9 @@ def _render_outputs(fit, burst, args, *, source: str) -> dict:
 
         files["flow.png"] = ("png", io.side_by_side([flow_to_rgb(f, max_magnitude=np.abs(flow).max() + 1e-6)
                                                     for f in flow]), None, None)
+    if fit.motion == "occlusion":
+        files["occlusion_w.tif"] = ("tiff", fit.occlusion_w(), {**prov, "output": "occlusion_w",
+                                                                 "convention": OCCLUSION_W_CONVENTION}, False)
     files["side_by_side.png"] = ("png", io.side_by_side([np.asarray(burst[0]), canonical]), None, None)
     prov_doc = {**prov, "source": source, "command": [PROG, *_argv_used(args)],
                 "outputs": sorted(set(files) | {"provenance.json"}), "canonical": view,
