@@ -318,13 +318,19 @@ def test_separate_widget_from_the_task_table(make_napari_viewer, qtbot, task, no
     assert not notes["error"]
 
 
-def test_flow_fit_gives_vectors_and_magnitude(make_napari_viewer, frames):
+def _viewer_with_fit(make_napari_viewer, frames, motion):
+    """A viewer holding the burst and a 10-step fit of ``motion`` added as result layers; (viewer, fit)."""
     import napari_nir as nir
 
     viewer = make_napari_viewer()
     viewer.add_image(frames.copy(), rgb=True, name="burst")
-    fit = nir.fuse(frames, "flow", steps=10, device="cpu", **FAST)
+    fit = nir.fuse(frames, motion, steps=10, device="cpu", **FAST)
     add_result_to_viewer(viewer, fit, "burst")
+    return viewer, fit
+
+
+def test_flow_fit_gives_vectors_and_magnitude(make_napari_viewer, frames):
+    viewer, _ = _viewer_with_fit(make_napari_viewer, frames, "flow")
     vectors = viewer.layers["burst flow"]
     assert type(vectors).__name__ == "Vectors" and vectors.data.shape[1:] == (2, 3)
     assert viewer.layers["burst flow magnitude"].data.shape == (4, 48, 48)
@@ -388,10 +394,7 @@ def test_occlusion_fit_adds_its_depth_map(make_napari_viewer, frames):
     """The occlusion model's w per frame is a (hidden) layer: where objects left the background's slice."""
     import napari_nir as nir
 
-    viewer = make_napari_viewer()
-    viewer.add_image(frames.copy(), rgb=True, name="burst")
-    fit = nir.fuse(frames, "occlusion", steps=10, device="cpu", **FAST)
-    add_result_to_viewer(viewer, fit, "burst")
+    viewer, fit = _viewer_with_fit(make_napari_viewer, frames, "occlusion")
     w = viewer.layers["burst occlusion w"]
     assert w.data.shape == (4, 48, 48) and not w.visible
     np.testing.assert_array_equal(w.data, fit.occlusion_w())

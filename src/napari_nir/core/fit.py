@@ -232,59 +232,44 @@ class FusionModel(nn.Module):
         """True for the occlusion model on a displacement grid (the one with a w warm-up and start)."""
         return isinstance(self.motion, motion_models.FlowMotion) and self.motion.outputs == 3
 
-    @torch.no_grad()
-    def _frame_residuals(self, data: torch.Tensor, shape, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Residuals (N, C) at every ``stride``-th pixel of every frame (frame-major, row-major), and the flat
-        pixel indices (N,) they belong to."""
-        t, h, w, _ = shape
-        norm = self.normaliser
-        rows, cols = torch.meshgrid(torch.arange(0, h, stride), torch.arange(0, w, stride), indexing="ij")
-        pix = (rows * w + cols).reshape(-1)
-        device = data.device
-        flats, residuals = [], []
-        for frame in range(t):
-            flat = (frame * h * w + pix).to(device)
-            xy = torch.stack([((pix % w).float() - norm.cx) / norm.s, ((pix // w).float() - norm.cy) / norm.s], 1)
-            pred = self(torch.full((len(pix),), frame, dtype=torch.long, device=device), xy.to(device))
-            residuals.append(pred - data[flat])
-            flats.append(flat)
-        return torch.cat(residuals), torch.cat(flats)
-
     def seed_occlusion(self, data: torch.Tensor, shape, config: "FitConfig", generator: torch.Generator) -> int:
         """End of the occlusion warm-up: pixels whose residual is an outlier (robust z > 5 and above 8 % of the
         value range) start at w = ``config.occlusion_seed_w``, the rest stays at w = 0. Returns the outliers'
-        count. The w output of the displacement grid is regressed onto that map (a few hundred cheap steps)."""
-        t, h, w, _ = shape
+        count. The w output of the displacement grid is regressed onto that map (150 cheap steps).
+
+        data: (T*h*w, C) working frames as fit_steps holds them; shape: (T, h, w, C). Every ``stride``-th pixel
+        of every frame is used (at most about 2 M points)."""
+        from scipy.ndimage import binary_dilation, gaussian_filter
+
+        from .render import pixel_grid
+
+        t, h, w, c = shape
+        device = data.device
         stride = max(1, int(math.ceil(math.sqrt(t * h * w / 2.0e6))))
-        residual, flat = self._frame_residuals(data, shape, stride)
+        rows, cols = np.arange(0, h, stride), np.arange(0, w, stride)
+        pix = torch.as_tensor((rows[:, None] * w + cols[None, :]).reshape(-1), device=device)
+        xy = torch.as_tensor(pixel_grid(h, w, self.normaliser), device=device)[pix]
+        frame_index = torch.arange(t, device=device).repeat_interleave(len(pix))
+        with torch.no_grad():
+            residual = torch.stack([self(frame_index[:len(pix)] + k, xy) - data[k * h * w + pix] for k in range(t)])
         # smoothed before the test: detail the field has not learnt yet is zero-mean and averages out, an object
         # the background cannot explain is a blob that stays
-        from scipy.ndimage import gaussian_filter
-
-        rows, cols = -(-h // stride), -(-w // stride)
-        signed = residual.cpu().numpy().reshape(t, rows, cols, -1)
-        smooth = gaussian_filter(signed, sigma=(0, 2.0 / stride, 2.0 / stride, 0))
-        residual = torch.as_tensor(np.abs(smooth).mean(-1).reshape(-1), device=flat.device)
-        median = residual.median()
-        spread = 1.4826 * (residual - median).abs().median()
+        signed = residual.cpu().numpy().reshape(t, len(rows), len(cols), c)
+        size = np.abs(gaussian_filter(signed, sigma=(0, 2.0 / stride, 2.0 / stride, 0))).mean(-1)
+        median = np.median(size)
+        spread = 1.4826 * np.median(np.abs(size - median))
         lo, hi = config.value_range
-        outlier = residual > max(float(median + 5 * spread), 0.08 * (hi - lo))
+        outlier = size > max(median + 5 * spread, 0.08 * (hi - lo))
         # grow the mask by a pixel or two: an object's soft edge is an outlier only where the contrast is high
-        from scipy.ndimage import binary_dilation
-
-        grid = outlier.cpu().numpy().reshape(t, rows, cols)
-        grid = binary_dilation(grid, structure=np.ones((1, 3, 3), bool), iterations=max(1, 2 // stride))
-        outlier = torch.as_tensor(grid.reshape(-1), device=flat.device)
+        outlier = binary_dilation(outlier, structure=np.ones((1, 3, 3), bool), iterations=max(1, 2 // stride))
         motion = self.motion
-        target = torch.where(outlier, math.atanh(config.occlusion_seed_w) / motion.w_gain, 0.0)
-        norm = self.normaliser
-        pix = flat % (h * w)
-        xy = torch.stack([((pix % w).float() - norm.cx) / norm.s, ((pix // w).float() - norm.cy) / norm.s], 1)
-        frame_index = flat // (h * w)
+        target = torch.as_tensor(np.where(outlier.reshape(-1), math.atanh(config.occlusion_seed_w) / motion.w_gain,
+                                          0.0), dtype=torch.float32, device=device)
+        xy_all = xy.repeat(t, 1)
         optimiser = torch.optim.Adam(list(motion.grids.parameters()), lr=0.05)
         for _ in range(150):
-            pick = torch.randint(len(flat), (min(len(flat), 16384),), generator=generator).to(flat.device)
-            raw = motion.displacement(frame_index[pick], xy[pick])[:, 2]
+            pick = torch.randint(len(target), (min(len(target), 16384),), generator=generator).to(device)
+            raw = motion.displacement(frame_index[pick], xy_all[pick])[:, 2]
             loss = torch.nn.functional.mse_loss(raw, target[pick])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
