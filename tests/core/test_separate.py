@@ -9,6 +9,8 @@ import napari_nir as nir
 from napari_nir._sample_data import separation_burst
 from napari_nir.core import tasks
 from napari_nir.core.burst import prepare_burst
+from dataclasses import replace
+
 from napari_nir.core.fit import separation_config
 
 
@@ -135,6 +137,21 @@ def test_moire_interference_is_held_to_zero_mean_per_frame():
     means = interference.mean(axis=(1, 2)) - black
     print("per-frame means", means.round(4).tolist())
     assert np.abs(means).max() < 0.004
+
+
+def test_zero_mean_prior_is_not_in_the_paper_preset():
+    """The paper preset is the official configuration: the fast preset's zero-mean prior stays out of it."""
+    from napari_nir.core.fit import build_model
+
+    frames = separation_burst("moire", 3, (24, 24), seed=0).frames
+    terms = {}
+    for preset in ("fast", "paper"):
+        config = replace(separation_config("moire", preset), sparsity=0.0, exclusion=0.0, init="identity")
+        model = build_model(frames, config, torch.device("cpu"))
+        model._last = {"interference": torch.full((4, 3), 0.5)}  # a layer far from zero mean
+        model._last_frames = torch.tensor([0, 1, 2, 0])
+        terms[preset] = float(model.regulariser(config, torch.Generator().manual_seed(0)))
+    assert terms["fast"] == pytest.approx(0.5) and terms["paper"] == 0.0, terms
 
 
 def test_frame_means_average_each_frames_points():
