@@ -76,11 +76,21 @@ def _scene_of(frames: np.ndarray, task: str, device: str, quick: bool = False, *
     return sep, sep.layers(dtype="float32"), wall
 
 
-def _score_rows(scene, frames, baselines, truth, inner, wall, baseline_names) -> tuple[list, float, float]:
-    """Table cells for one task and the (ours - input, ours - best baseline) PSNR gaps."""
+def _baseline_names(task: str) -> tuple[str, ...]:
+    """The classical baselines a task is compared with (the minimum only where layers only add light)."""
+    return ("median", "minimum", "mean") if task == "reflection" else ("median", "mean")
+
+
+def _psnr_scores(scene, frames, baselines, truth, inner, baseline_names) -> tuple[float, float, dict, str]:
+    """(ours, input, {baseline: PSNR}, name of the best baseline), PSNR dB against ``truth`` on ``inner``."""
     ours, given = psnr(scene[inner], truth[inner]), psnr(frames[inner], truth[inner])
     base = {name: psnr(baselines[name][inner], truth[inner]) for name in baseline_names}
-    best_name = max(base, key=base.get)
+    return ours, given, base, max(base, key=base.get)
+
+
+def _score_rows(scene, frames, baselines, truth, inner, wall, baseline_names) -> tuple[list, float, float]:
+    """Table cells for one task and the (ours - input, ours - best baseline) PSNR gaps."""
+    ours, given, base, best_name = _psnr_scores(scene, frames, baselines, truth, inner, baseline_names)
     cells = [f"{wall:.1f}", f"{ours:.2f} / {ssim(scene[inner], truth[inner]):.3f}",
              f"{given:.2f} / {ssim(frames[inner], truth[inner]):.3f}"]
     cells += [f"{base[n]:.2f} / {ssim(baselines[n][inner], truth[inner]):.3f}" if n in base else "-"
@@ -99,9 +109,8 @@ def synthetic(quick: bool, device: str) -> dict:
         frames = sample.frames
         sep, layers, wall = _scene_of(frames, task, device, quick)
         baselines = aligned_baselines(frames)
-        names = ("median", "minimum", "mean") if task == "reflection" else ("median", "mean")
         cells, gain_input, gain_base = _score_rows(layers["scene"], frames, baselines, sample.clean, inner, wall,
-                                                   names)
+                                                   _baseline_names(task))
         rows.append([task] + cells + [f"{gain_input:+.2f}", f"{gain_base:+.2f}"])
     notes.append(f"{border}-px border excluded; PSNR dB / SSIM of the per-frame scene against the true scene, "
                  "pooled over frames")
@@ -126,16 +135,12 @@ def seeds(quick: bool, device: str) -> dict:
     inner = (slice(None), slice(border, -border), slice(border, -border))
     rows = []
     for task in nir.TASKS:
-        names = ("median", "minimum", "mean") if task == "reflection" else ("median", "mean")
         gains = []
         for seed in (0, 1, 2):
             sample = separation_burst(task, 5, size, seed=seed)
             _, layers, _ = _scene_of(sample.frames, task, device, quick)
-            baselines = aligned_baselines(sample.frames)
-            ours, given = psnr(layers["scene"][inner], sample.clean[inner]), psnr(sample.frames[inner],
-                                                                                   sample.clean[inner])
-            base = {name: psnr(baselines[name][inner], sample.clean[inner]) for name in names}
-            best = max(base, key=base.get)
+            ours, given, base, best = _psnr_scores(layers["scene"], sample.frames, aligned_baselines(sample.frames),
+                                                   sample.clean, inner, _baseline_names(task))
             gains.append((ours - given, ours - base[best]))
             rows.append([task, str(seed), f"{ours:.2f}", f"{given:.2f}", f"{base[best]:.2f} ({best})",
                          f"{ours - given:+.2f}", f"{ours - base[best]:+.2f}"])
@@ -228,8 +233,7 @@ def _read_reflection(quick: bool):
 def real(quick: bool, device: str) -> dict | None:
     """rain_corner and reflection_effendy against their ground truth."""
     rows = []
-    for task, reader, names in (("rain", _read_rain, ("median", "mean")),
-                                ("reflection", _read_reflection, ("median", "minimum", "mean"))):
+    for task, reader in (("rain", _read_rain), ("reflection", _read_reflection)):
         data = reader(quick)
         if data is None:
             continue
@@ -238,7 +242,8 @@ def real(quick: bool, device: str) -> dict | None:
         baselines = aligned_baselines(frames)
         border = max(4, frames.shape[1] // 32)
         inner = (slice(None), slice(border, -border), slice(border, -border))
-        cells, gain_input, gain_base = _score_rows(layers["scene"], frames, baselines, truth, inner, wall, names)
+        cells, gain_input, gain_base = _score_rows(layers["scene"], frames, baselines, truth, inner, wall,
+                                                   _baseline_names(task))
         what = "rain_corner" if task == "rain" else "reflection_effendy"
         shape = "x".join(str(s) for s in frames.shape)
         rows.append([f"{what} ({shape}), task {task}"] + cells + [f"{gain_input:+.2f}", f"{gain_base:+.2f}"])

@@ -128,8 +128,8 @@ TASKS: dict[str, Task] = {
             # is where a screen's grating aliases from; measured on the synthetic moire burst (5 x 256^2):
             # scene 30.2 dB at 1.0, 28.1 at 0.8, 35.6 at 0.7, 33.0 at 0.5 cells per pixel: sensitive. Over the
             # sample's seeds 0, 1, 2 the mean is 34.0 dB at 0.7 and 0.6, 32.3 at 1.0, against 35.0 for the
-            # aligned median: the band limit helps, but moire is still behind the classical baseline. A real
-            # screen's pitch may want another value (pass grid_density=).
+            # aligned median: the band limit helps, but on its own it left moire behind the classical baseline. A
+            # real screen's pitch may want another value (pass grid_density=).
             # A grating oscillates about the scene, so the interference is held to zero mean per frame
             # (zero_mean): without it the offset between the layers drifted by up to 0.016 and the scene on
             # seeds 0, 1, 2 was 35.60, 33.40, 32.87 dB; with it 35.55, 35.37, 35.54 (aligned median 35.05,
