@@ -163,3 +163,13 @@ def test_frame_means_average_each_frames_points():
     model._last_frames = torch.tensor([0, 0, 2, 2, 2])
     values = torch.tensor([[1.0], [3.0], [4.0], [5.0], [6.0]])
     np.testing.assert_allclose(model.frame_means(values).numpy(), [[2.0], [0.0], [5.0]])
+
+
+def test_cauchy_warm_up_is_the_fence_fast_presets_only_and_validated():
+    """The fence's warm-up uses a Cauchy loss in the fast preset; the paper preset keeps the official loss."""
+    assert separation_config("fence", "fast").warmup_cauchy > 0
+    assert separation_config("fence", "paper").warmup_cauchy == 0
+    assert separation_config("rain", "fast").warmup_cauchy == 0
+    frames = separation_burst("fence", 2, (24, 24)).frames
+    with pytest.raises(ValueError, match="warmup_cauchy"):
+        nir.separate(frames, "fence", steps=2, device="cpu", warmup_cauchy=-0.1)

@@ -53,6 +53,10 @@ class FitConfig:
     flow_smoothness: float = 0.02  # weight of the mean absolute Jacobian of g w.r.t. (x, y, t) (paper: 0.02)
     task: str = ""  # layer separation: a name from tasks.TASKS ("" for fusion)
     scene_warmup: float = 0.0  # separation: fraction of the run fitting the scene alone (robust fusion)
+    # separation: Cauchy scale (working units) of the scene warm-up's loss, log(1 + (r / c)^2), in place of
+    # ``loss`` (0: off). Used only when the motion started from features: a redescending loss ignores what
+    # it cannot explain, so it needs a start within its basin
+    warmup_cauchy: float = 0.0
     sparsity: float | None = None  # separation: override the task's sparsity weight
     exclusion: float | None = None  # separation: override the task's exclusion weight
     interference_options: dict = dc_field(default_factory=dict)  # separation: GridField/Siren options of f2
@@ -89,6 +93,8 @@ class FitConfig:
         need(len(lo_hi) == 2 and all(map(math.isfinite, lo_hi)) and lo_hi[0] < lo_hi[1], "value_range",
              self.value_range, "give (low, high) with low < high, e.g. (0, 1)")
         need(isinstance(self.exposure, bool), "exposure", self.exposure, "use True or False", TypeError)
+        need(isinstance(self.warmup_cauchy, (int, float)) and math.isfinite(self.warmup_cauchy)
+             and self.warmup_cauchy >= 0, "warmup_cauchy", self.warmup_cauchy, "use a scale >= 0 (0: off), e.g. 0.05")
         for name in ("grid_density", "flow_coarsest", "flow_finest"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, name, v, "use a number > 0")
@@ -446,6 +452,8 @@ def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: t
     loss_fn = torch.nn.functional.l1_loss if config.loss == "l1" else torch.nn.functional.mse_loss
     mse_to_unit = 1.0 / (hi - lo) ** 2
     seed_occlusion = isinstance(model, FusionModel) and model.seeds_occlusion and config.occlusion_warmup > 0
+    scene = getattr(model, "scene", model)
+    cauchy = config.warmup_cauchy * (hi - lo) if getattr(scene, "feature_started", False) else 0.0
     for step in range(1, config.steps + 1):
         progress = (step - 1) / max(config.steps - 1, 1)
         if seed_occlusion and progress >= config.occlusion_warmup:
@@ -463,7 +471,11 @@ def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: t
         xy = torch.stack([((pix % w).float() - norm.cx) / norm.s, ((pix // w).float() - norm.cy) / norm.s], 1)
         pred = model(frame_index, xy)
         target = data[flat]
-        loss = loss_fn(pred, target) + model.regulariser(config, gen)
+        if cauchy > 0 and progress < config.scene_warmup:
+            data_term = cauchy * torch.log1p(((pred - target) / cauchy) ** 2).mean()
+        else:
+            data_term = loss_fn(pred, target)
+        loss = data_term + model.regulariser(config, gen)
         if not torch.isfinite(loss):
             raise ValueError(f"the fit diverged at step {step} (the loss is {loss.item()}); lower the learning "
                              "rates (lr_field, lr_motion) or use the preset's defaults")

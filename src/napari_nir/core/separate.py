@@ -4,7 +4,8 @@ How we keep one stream from swallowing everything (the known failure of two-stre
 
 * the scene starts alone: for the first ``scene_warmup`` of the run only f1 is fitted, with an L1 loss,
   i.e. a robust fusion of the burst (the interference behaves as outliers), so the scene is initialised
-  from the fused burst before f2 exists;
+  from the fused burst before f2 exists; where the interference covers much of the frame (a fence) the
+  warm-up loss is a Cauchy loss (``warmup_cauchy``), which all but ignores what it cannot explain;
 * f2 starts (nearly) empty (its raw outputs start at the task's ``interference_init``) and has lower
   capacity (fewer features, a narrower MLP) than f1;
 * sparsity of the interference (or its alpha) and, for additive tasks, the exclusion loss computed by
