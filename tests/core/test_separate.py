@@ -173,3 +173,22 @@ def test_cauchy_warm_up_is_the_fence_fast_presets_only_and_validated():
     frames = separation_burst("fence", 2, (24, 24)).frames
     with pytest.raises(ValueError, match="warmup_cauchy"):
         nir.separate(frames, "fence", steps=2, device="cpu", warmup_cauchy=-0.1)
+
+
+def test_moire_interference_grid_is_finer_than_the_scene_and_capped_on_large_frames():
+    """Moire's interference grid has 4 cells per pixel (it must hold a near-Nyquist grating the band-limited
+    scene cannot), fewer on large frames so that its dense update stays bounded; other tasks keep the scene's."""
+    from napari_nir.core.fit import build_model
+    from napari_nir.core.separate import MAX_INTERFERENCE_NODES, interference_density
+
+    moire = separation_config("moire", "fast")
+    assert interference_density(moire, 256, 256) == 4.0
+    assert (1024 * interference_density(moire, 1024, 1024)) ** 2 <= MAX_INTERFERENCE_NODES * 1.0001
+    assert interference_density(moire, 4096, 4096) == moire.grid_density  # never coarser than the scene
+    assert interference_density(separation_config("reflection", "fast"), 256, 256) == 1.0
+    frames = separation_burst("moire", 3, (32, 32), seed=0).frames
+    model = build_model(frames, replace(moire, init="identity"), torch.device("cpu"))
+    finest_cells = model.interference.grids[-1].shape[-1] - 1
+    assert 4 * 32 <= finest_cells <= 4 * 32 * 1.05, finest_cells
+    with pytest.raises(ValueError, match="interference_density"):
+        nir.separate(frames, "moire", steps=2, device="cpu", interference_density=-1.0)

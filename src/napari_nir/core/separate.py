@@ -7,12 +7,15 @@ How we keep one stream from swallowing everything (the known failure of two-stre
   from the fused burst before f2 exists; where the interference covers much of the frame (a fence) the
   warm-up loss is a Cauchy loss (``warmup_cauchy``), which all but ignores what it cannot explain;
 * f2 starts (nearly) empty (its raw outputs start at the task's ``interference_init``) and has lower
-  capacity (fewer features, a narrower MLP) than f1;
+  capacity (fewer features, a narrower MLP) than f1, though a finer grid where the interference is finer
+  than the scene (moire: ``interference_density``);
 * sparsity of the interference (or its alpha) and, for additive tasks, the exclusion loss computed by
   finite differences on small rendered patches;
 * both streams use coarse-to-fine grid encodings, so low frequencies settle first.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -134,6 +137,20 @@ class SeparationModel(nn.Module):
         return self.scene.preview(config, device)
 
 
+# finest-level nodes per frame slice of the interference grid: its gradient and Adam update are dense, so a
+# step costs time and memory in proportion (5 x 256^2 moire at 4 cells per pixel, 1.1 M nodes: 49 s a fit
+# against 21 s at 0.7)
+MAX_INTERFERENCE_NODES = 1.2e6
+
+
+def interference_density(config: FitConfig, h: int, w: int) -> float:
+    """Finest cells per working pixel of the interference grid: ``config.interference_density`` (0: the scene's
+    ``grid_density``), lowered for large frames to at most MAX_INTERFERENCE_NODES nodes per frame, though
+    never below the scene's density."""
+    density = config.interference_density or config.grid_density
+    return min(density, max(config.grid_density, math.sqrt(MAX_INTERFERENCE_NODES / (h * w))))
+
+
 def make_separation_model(config: FitConfig, shape, domain, scene: FusionModel) -> SeparationModel:
     """Wrap a scene FusionModel with the interference stream of ``config.task``; seeded."""
     task = get_task(config.task)
@@ -145,7 +162,7 @@ def make_separation_model(config: FitConfig, shape, domain, scene: FusionModel) 
     init = torch.full((k,), float(task.interference_init))
     torch.manual_seed(config.seed + 101)
     if config.field == "grid":
-        options = {"finest": config.grid_density * norm.s, "features": 2, "hidden": 32,
+        options = {"finest": interference_density(config, h, w) * norm.s, "features": 2, "hidden": 32,
                    **config.interference_options}
         interference = fields.GridField(k, frame_domain, init_value=init, depth_cells=max(1, t - 1), **options)
     else:
