@@ -60,3 +60,18 @@ def test_feature_homographies_recover_ground_truth():
 
 def test_feature_homographies_give_up_on_texture_free_frames():
     assert motion.feature_homographies(np.zeros((3, 64, 64), np.float32)) is None
+
+
+def test_layer_translations_find_a_second_layers_shifts_past_an_aligned_one():
+    from scipy.ndimage import gaussian_filter, shift
+
+    rng = np.random.default_rng(0)
+    layer = gaussian_filter(rng.normal(size=(96, 96)), 2.0)
+    aligned = 2 * gaussian_filter(rng.normal(size=(96, 96)), 2.0)  # the same in every residual: its peak is at 0
+    truth = np.array([[0, 0], [5, -3], [-7, 2], [3, 9]], float)  # (x, y) with residual_t(y) = residual_0(y + d_t)
+    residuals = np.stack([shift(layer, (-dy, -dx), order=1, mode="wrap") + aligned for dx, dy in truth])
+    shifts, score = motion.layer_translations(residuals, np.ones((96, 96), bool))
+    np.testing.assert_allclose(shifts - shifts[0], truth, atol=0.5)
+    assert score > 0.15
+    _, noise_score = motion.layer_translations(rng.normal(size=(4, 96, 96)), np.ones((96, 96), bool))
+    assert noise_score < 0.15

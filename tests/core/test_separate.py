@@ -192,3 +192,66 @@ def test_moire_interference_grid_is_finer_than_the_scene_and_capped_on_large_fra
     assert 4 * 32 <= finest_cells <= 4 * 32 * 1.05, finest_cells
     with pytest.raises(ValueError, match="interference_density"):
         nir.separate(frames, "moire", steps=2, device="cpu", interference_density=-1.0)
+
+
+def test_reflection_rigid_layer_beats_input_and_aligned_baselines_on_a_small_crop():
+    """Issue 4's reflection goal (+5 dB over the input, +1 dB over the best aligned baseline) on a 5 x 96 x 96
+    crop, default fast preset: the reflection gets a rigid layer of its own (measured 23.4 dB against the input's
+    16.6 and the aligned minimum's 17.7; the free per-frame interference alone left the reflection's lower
+    envelope in the scene)."""
+    from napari_nir.core.motion import feature_homographies
+    from skimage.transform import ProjectiveTransform, warp
+
+    s = separation_burst("reflection", 5, (96, 96), seed=0)
+    sep = nir.separate(s.frames, "reflection", device="cpu")
+    assert sep._model.start_report["rigid"] and float(sep._model.rigid_on) == 1.0
+    scene = sep.layers(dtype="float32")["scene"]
+    inner = (slice(None), slice(6, -6), slice(6, -6))
+
+    def psnr(a):
+        return -10 * np.log10(((a[inner] - s.clean[inner]) ** 2).mean())
+
+    # aligned temporal minimum and median, as the benchmark computes them (ORB + RANSAC onto each frame)
+    homs = feature_homographies(s.frames)
+    stacks = [np.stack([np.stack([warp(s.frames[j][..., c], ProjectiveTransform(np.linalg.inv(homs[j]) @ homs[t]),
+                                       order=1, mode="edge") for c in range(3)], -1) for j in range(5)])
+              for t in range(5)]
+    best_baseline = max(psnr(np.stack([st.min(0) for st in stacks])), psnr(np.stack([np.median(st, 0) for st in stacks])))
+    assert psnr(scene) > psnr(s.frames) + 5.0
+    assert psnr(scene) > best_baseline + 1.0
+
+
+def test_auto_rigid_layer_is_left_off_when_the_interference_does_not_move_rigidly():
+    """New rain streaks every frame: no single layer moves rigidly through them, so "auto" keeps the paper's
+    free interference f2(x, y, t) alone (score measured 0.06)."""
+    s = separation_burst("rain", 4, (48, 48), seed=0)
+    sep = nir.separate(s.frames, "reflection", steps=200, device="cpu")
+    assert sep.config.interference_motion == "auto"
+    assert not sep._model.start_report["rigid"] and sep._model.start_report["score"] < 0.15
+    assert sep.interference_homographies is None
+
+
+def test_rigid_layer_survives_save_and_load(tmp_path):
+    s = separation_burst("reflection", 3, (40, 40), seed=0)
+    sep = nir.separate(s.frames, "reflection", steps=30, device="cpu", interference_motion="homography",
+                       interference_free_start=0.8)
+    assert sep.interference_homographies.shape == (3, 3, 3)
+    sep.save(tmp_path / "rigid.npz")
+    loaded = nir.load(tmp_path / "rigid.npz")
+    np.testing.assert_array_equal(loaded.layers()["interference"], sep.layers()["interference"])
+    np.testing.assert_allclose(loaded.interference_homographies, sep.interference_homographies)
+
+
+def test_rigid_layer_options_are_validated():
+    frames = separation_burst("reflection", 2, (16, 16)).frames
+    with pytest.raises(ValueError, match="interference_motion"):
+        nir.separate(frames, "reflection", interference_motion="affine")
+    with pytest.raises(ValueError, match="field='grid'"):
+        nir.separate(frames, "reflection", preset="paper", interference_motion="auto")
+    with pytest.raises(ValueError, match="scene_warmup"):
+        nir.separate(frames, "reflection", scene_warmup=0.0)
+    with pytest.raises(ValueError, match="interference_free_start"):
+        nir.separate(frames, "reflection", interference_free_start=1.5)
+    assert separation_config("reflection", "paper").interference_motion == "none"  # the official model
+    short = nir.separate(frames, "reflection", steps=20, device="cpu")  # 6 warm-up steps: too few to judge
+    assert not short._model.start_report["rigid"]

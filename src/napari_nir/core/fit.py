@@ -61,6 +61,13 @@ class FitConfig:
     exclusion: float | None = None  # separation: override the task's exclusion weight
     interference_options: dict = dc_field(default_factory=dict)  # separation: GridField/Siren options of f2
     interference_density: float = 0.0  # separation: finest cells per pixel of a grid f2 (0: grid_density)
+    # separation: "none": the interference is f2(x, y, t) in frame coordinates (the paper); "homography": plus a
+    # layer that moves rigidly by homographies of its own (separate.SeparationModel), started at the warm-up's
+    # end from the residuals; "auto": that layer only where the residuals show one (score >= rigid_layer_score)
+    interference_motion: str = "none"
+    rigid_layer_score: float = 0.15
+    interference_free: float = 0.5  # with a rigid layer: weight of the L1 of what the free part adds to it
+    interference_free_start: float = 0.65  # with a rigid layer: fraction of the run before the free part starts
     occlusion_cells: int = 16  # cells along w of the occlusion model's 3-D canonical
     # occlusion model (grid motion): the first part of the run fits the homography alone, every pixel at w = 0,
     # with the robust loss: the background; then pixels the background cannot explain (moving objects) start at
@@ -88,6 +95,19 @@ class FitConfig:
             need(isinstance(v, (int, float)) and not isinstance(v, bool), name, v, "give a number", TypeError)
             need(math.isfinite(v) and v > 0, name, v, "use a finite learning rate > 0 (e.g. 0.02 or 1e-4)")
         need(self.loss in ("l1", "mse"), "loss", self.loss, "use 'l1' or 'mse'")
+        need(self.interference_motion in ("none", "homography", "auto"), "interference_motion",
+             self.interference_motion, "use 'none' (an interference free in every frame), 'homography' (plus a "
+             "layer moving rigidly) or 'auto' (that layer where the burst shows one)")
+        if self.interference_motion != "none":
+            need(self.field == "grid", "interference_motion", self.interference_motion,
+                 "a rigid interference layer needs field='grid' (the fast preset); use interference_motion='none'")
+            need(self.scene_warmup > 0, "interference_motion", self.interference_motion,
+                 "a rigid interference layer starts from the scene warm-up's residuals: give scene_warmup > 0 "
+                 "(e.g. 0.3)")
+        for name in ("rigid_layer_score", "interference_free"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0, name, v,
+                 "use a number >= 0")
         need(self.init in ("auto", "features", "identity"), "init", self.init, "use 'auto', 'features' or 'identity'")
         need(self.flow_base in ("homography", "none"), "flow_base", self.flow_base, "use 'homography' or 'none'")
         lo_hi = tuple(self.value_range) if isinstance(self.value_range, (tuple, list)) else ()
@@ -107,7 +127,7 @@ class FitConfig:
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= low, name, v, f"use a whole number >= {low}")
         for name in ("lr_final_fraction", "coarse_to_fine", "coarse_to_fine_featured", "motion_warmup",
-                     "scene_warmup", "occlusion_warmup"):
+                     "scene_warmup", "occlusion_warmup", "interference_free_start"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1, name, v,
                  "use a fraction between 0 and 1")
@@ -458,6 +478,7 @@ def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: t
     loss_fn = torch.nn.functional.l1_loss if config.loss == "l1" else torch.nn.functional.mse_loss
     mse_to_unit = 1.0 / (hi - lo) ** 2
     seed_occlusion = isinstance(model, FusionModel) and model.seeds_occlusion and config.occlusion_warmup > 0
+    start_interference = getattr(model, "starts_interference_motion", False)
     scene = getattr(model, "scene", model)
     cauchy = config.warmup_cauchy * (hi - lo) if getattr(scene, "feature_started", False) else 0.0
     for step in range(1, config.steps + 1):
@@ -466,6 +487,9 @@ def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: t
             model.set_progress(progress, config)  # the field's and flow's levels as they are now
             model.seed_occlusion(data, (t, h, w, c), config, gen)
             seed_occlusion = False
+        if start_interference and progress >= config.scene_warmup:
+            model.start_interference_motion(data, (t, h, w, c), config)
+            start_interference = False
         decay = config.lr_final_fraction + (1 - config.lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
         for g, base in zip(optimiser.param_groups, base_lrs):
             frozen = g.get("name") == "motion" and step <= warmup_steps

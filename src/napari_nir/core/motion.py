@@ -328,3 +328,51 @@ class SirenFlow(nn.Module):
 
     def matrices(self) -> torch.Tensor:
         return torch.eye(3, dtype=torch.float64, device=next(self.parameters()).device).expand(self.n_frames, 3, 3)
+
+
+def layer_translations(residuals: np.ndarray, valid: np.ndarray, exclude_px: float = 3.0) -> tuple[np.ndarray, float]:
+    """(T, 2) shifts d_t (col, row pixels) with residuals[t](y) ~ residuals[0](y + d_t), for a second layer
+    seen through T residual images (T, H, W) that are already aligned on the first layer, and a score: the
+    median over pairs of the normalised correlation at the found shift (near 1: one layer moving rigidly holds
+    the residuals; near 0: they hold no such layer).
+
+    Every pair is phase-correlated and the (T, 2) shifts solved by least squares over the pairs, twice,
+    the second time without pairs off by more than 3 px. The correlation peak within ``exclude_px`` of zero
+    shift is suppressed: whatever the first layer left in the residuals (its fitting error, the part of the
+    second layer it absorbed) is aligned in every image and peaks there. That suppression is why this is
+    not skimage's phase_cross_correlation, which always returns the highest peak.
+    valid: (H, W) bool, where every residual image has data.
+    """
+    t_count, h, w = residuals.shape
+    window = np.outer(np.hanning(h), np.hanning(w)) * valid
+    spectra = np.fft.fft2((residuals - residuals[:, valid].mean(1)[:, None, None]) * window)
+    rows = np.fft.fftfreq(h, 1 / h)[:, None]
+    cols = np.fft.fftfreq(w, 1 / w)[None, :]
+    near_zero = rows**2 + cols**2 <= exclude_px**2
+    energy = np.sum(np.abs(spectra) ** 2, axis=(1, 2))
+    pairs, shifts, scores = [], [], []
+    for s in range(t_count):
+        for t in range(s + 1, t_count):
+            cross = spectra[s] * np.conj(spectra[t])
+            surface = np.real(np.fft.ifft2(cross / (np.abs(cross) + 1e-3 * np.abs(cross).max())))
+            surface[near_zero] = -np.inf
+            r, c = np.unravel_index(np.argmax(surface), surface.shape)
+            shifts.append((cols[0, c], rows[r, 0]))  # t(y) ~ s(y + d)
+            pairs.append((s, t))
+            # normalised (not whitened) correlation at that shift: how much of the residuals one moving layer holds
+            scores.append(np.real(np.fft.ifft2(cross))[r, c] * h * w / np.sqrt(energy[s] * energy[t]))
+    shifts = np.asarray(shifts, float)
+    design = np.zeros((len(pairs), t_count))
+    for k, (s, t) in enumerate(pairs):
+        design[k, t], design[k, s] = 1.0, -1.0
+    design = np.vstack([design, np.eye(1, t_count)])  # gauge: d_0 = 0
+    target = np.vstack([shifts, np.zeros((1, 2))])
+    keep = np.ones(len(target), bool)
+    for _ in range(2):
+        solution = np.linalg.lstsq(design[keep], target[keep], rcond=None)[0]
+        error = np.linalg.norm(design @ solution - target, axis=1)
+        keep = error <= 3.0
+        keep[-1] = True
+        if np.linalg.matrix_rank(design[keep]) < t_count:  # a frame lost all its pairs: keep the last solution
+            break
+    return solution, float(np.median(scores))

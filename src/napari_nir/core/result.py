@@ -255,6 +255,19 @@ class SeparationResult(FusionResult):
     def task(self) -> str:
         return self.config.task
 
+    @property
+    def interference_homographies(self) -> np.ndarray | None:
+        """(T, 3, 3) float64: frame-t pixel (col, row, 1) -> pixel of the interference's rigid layer (a
+        reflection's own alignment; its pixel grid is frame-sized, centred on the burst's average pose), or
+        None when the interference has no rigid layer (``interference_motion`` "none", or "auto" that found
+        none)."""
+        matrices = self._model.interference_homographies()
+        if matrices is None:
+            return None
+        n = self._input_norm.matrix
+        h = np.einsum("ij,tjk,kl->til", np.linalg.inv(n), matrices, n)
+        return h / h[:, 2:3, 2:3]
+
     def layers(self, *, dtype: str = "input") -> dict[str, np.ndarray]:
         """{"scene", "interference"[, "alpha"]}: (T, H, W[, C]) in the burst's layout, units and dtype.
 

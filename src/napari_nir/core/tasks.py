@@ -91,6 +91,7 @@ TASKS: dict[str, Task] = {
             compose=_additive,
             sparse_of=lambda layers: layers["interference"], sparsity=0.02, exclusion=0.0005,
             paper={"steps": 3000, "batch": -8, "loss": "mse", "f1_omega0": 30.0, "f2_width": 256},
+            fast_options={"interference_motion": "auto"},
         ),
         Task(
             name="fence", title="Fence / obstruction removal",
