@@ -319,3 +319,20 @@ def test_separate_and_flow_outputs(tmp_path):
     w, meta = io.read_tiff(out3 / "occlusion_w.tif")
     assert w.shape == (2, 24, 24) and meta["output"] == "occlusion_w" and np.all(np.abs(w) <= 1)
     assert cli.main(["separate", str(src), "--task", "snow", "-o", str(out)]) == 2
+
+
+def test_separate_reflection_writes_the_rigid_layers_alignment(tmp_path):
+    """A reflection that moves rigidly gets its own homographies, written as interference_homographies.json."""
+    import json
+
+    from napari_nir import cli, io
+    from napari_nir._sample_data import separation_burst
+
+    src = tmp_path / "reflection.tif"
+    io.write_tiff(src, separation_burst("reflection", 3, (96, 96), seed=0).frames, {})
+    out = tmp_path / "sep"
+    assert cli.main(["separate", str(src), "--task", "reflection", "-o", str(out), "--steps", "200", "--quiet"]) == 0
+    record = json.loads((out / "interference_homographies.json").read_text())
+    assert record["found"] and record["score"] >= 10  # measured 11.6
+    assert np.asarray(record["homographies"]).shape == (3, 3, 3)
+    assert json.loads((out / "provenance.json").read_text())["rigid_layer"] == {k: record[k] for k in ("found", "score")}

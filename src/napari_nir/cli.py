@@ -34,6 +34,10 @@ EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
                NotADirectoryError)
 
+INTERFERENCE_HOMOGRAPHY_CONVENTION = (
+    "the interference's rigid layer (a reflection), if 'found': homographies[t] maps a pixel (col, row, 1) of input "
+    "frame t to the pixel (col, row, w) of that layer's own frame-sized view (divide by w); frame t -> frame s is "
+    "inv(H[s]) @ H[t]; 'score' is how far the residuals' correlation peak stood out, in standard deviations (>= rigid_layer_score, 10 by default: found)")
 HOMOGRAPHY_CONVENTION = (
     "homographies[t] is a 3x3 matrix mapping a pixel (col, row, 1) of input frame t to the pixel (col, row, w) of "
     "the canonical view described under 'canonical' (divide by w); pixel centres are at integer coordinates, "
@@ -247,11 +251,15 @@ def _output_names(motion: str, *, demo: bool) -> list[str]:
 
 def _cmd_separate(args) -> int:
     from . import io
+    from .core.fit import separation_config
     from .core.tasks import get_task
 
     task = get_task(args.task)
     outdir = Path(args.output)
     names = [f"{layer}.tif" for layer in task.layers] + ["canonical.tif", "side_by_side.png", "provenance.json"]
+    rigid_layer = separation_config(task.name, args.preset, args.motion).interference_motion != "none"
+    if rigid_layer:
+        names.append("interference_homographies.json")
     _check_outputs(outdir, names, args.overwrite)
     burst = io.read_burst(args.burst)
     _check_burst_shape(burst, args.burst)
@@ -264,6 +272,11 @@ def _cmd_separate(args) -> int:
     canonical = sep.canonical(extent=args.extent, scale=args.scale)
     files["canonical.tif"] = ("tiff", canonical, {**prov, "output": "canonical", "extent": args.extent,
                                                   "scale": args.scale}, channels)
+    if rigid_layer:
+        matrices = sep.interference_homographies
+        files["interference_homographies.json"] = ("json", {
+            "convention": INTERFERENCE_HOMOGRAPHY_CONVENTION, **sep.rigid_layer(),
+            "homographies": None if matrices is None else matrices.tolist()}, None, None)
     files["side_by_side.png"] = ("png", io.side_by_side([np.asarray(burst[0]), layers["scene"][0],
                                                          layers["interference"][0]]), None, None)
     files["provenance.json"] = ("json", {**prov, "source": os.fspath(args.burst), "command": [PROG, *_argv_used(args)],

@@ -72,6 +72,6 @@ def test_layer_translations_find_a_second_layers_shifts_past_an_aligned_one():
     residuals = np.stack([shift(layer, (-dy, -dx), order=1, mode="wrap") + aligned for dx, dy in truth])
     shifts, score = motion.layer_translations(residuals, np.ones((96, 96), bool))
     np.testing.assert_allclose(shifts - shifts[0], truth, atol=0.5)
-    assert score > 0.15
+    assert score > 10
     _, noise_score = motion.layer_translations(rng.normal(size=(4, 96, 96)), np.ones((96, 96), bool))
-    assert noise_score < 0.15
+    assert noise_score < 10

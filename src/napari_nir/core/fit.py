@@ -65,7 +65,7 @@ class FitConfig:
     # layer that moves rigidly by homographies of its own (separate.SeparationModel), started at the warm-up's
     # end from the residuals; "auto": that layer only where the residuals show one (score >= rigid_layer_score)
     interference_motion: str = "none"
-    rigid_layer_score: float = 0.15
+    rigid_layer_score: float = 10.0  # peak-to-noise of the residuals' phase correlation (separate.py has figures)
     interference_free: float = 0.5  # with a rigid layer: weight of the L1 of what the free part adds to it
     interference_free_start: float = 0.65  # with a rigid layer: fraction of the run before the free part starts
     occlusion_cells: int = 16  # cells along w of the occlusion model's 3-D canonical

@@ -333,8 +333,8 @@ class SirenFlow(nn.Module):
 def layer_translations(residuals: np.ndarray, valid: np.ndarray, exclude_px: float = 3.0) -> tuple[np.ndarray, float]:
     """(T, 2) shifts d_t (col, row pixels) with residuals[t](y) ~ residuals[0](y + d_t), for a second layer
     seen through T residual images (T, H, W) that are already aligned on the first layer, and a score: the
-    median over pairs of the normalised correlation at the found shift (near 1: one layer moving rigidly holds
-    the residuals; near 0: they hold no such layer).
+    median over pairs of how many standard deviations the correlation peak stands out of its surface (about
+    4-5 for images without a common moving layer; 10-25 for a rigidly moving one, see separate.py).
 
     Every pair is phase-correlated and the (T, 2) shifts solved by least squares over the pairs, twice,
     the second time without pairs off by more than 3 px. The correlation peak within ``exclude_px`` of zero
@@ -345,22 +345,25 @@ def layer_translations(residuals: np.ndarray, valid: np.ndarray, exclude_px: flo
     """
     t_count, h, w = residuals.shape
     window = np.outer(np.hanning(h), np.hanning(w)) * valid
+    # what is aligned in every image (the first layer's fitting error, what it absorbed of the second) is the
+    # same in all of them: without it, it neither pulls the peak nor dilutes the score
+    residuals = residuals - residuals.mean(0)
     spectra = np.fft.fft2((residuals - residuals[:, valid].mean(1)[:, None, None]) * window)
     rows = np.fft.fftfreq(h, 1 / h)[:, None]
     cols = np.fft.fftfreq(w, 1 / w)[None, :]
     near_zero = rows**2 + cols**2 <= exclude_px**2
-    energy = np.sum(np.abs(spectra) ** 2, axis=(1, 2))
     pairs, shifts, scores = [], [], []
     for s in range(t_count):
         for t in range(s + 1, t_count):
             cross = spectra[s] * np.conj(spectra[t])
             surface = np.real(np.fft.ifft2(cross / (np.abs(cross) + 1e-3 * np.abs(cross).max())))
-            surface[near_zero] = -np.inf
-            r, c = np.unravel_index(np.argmax(surface), surface.shape)
+            surface[near_zero] = np.nan
+            r, c = np.unravel_index(np.nanargmax(surface), surface.shape)
             shifts.append((cols[0, c], rows[r, 0]))  # t(y) ~ s(y + d)
             pairs.append((s, t))
-            # normalised (not whitened) correlation at that shift: how much of the residuals one moving layer holds
-            scores.append(np.real(np.fft.ifft2(cross))[r, c] * h * w / np.sqrt(energy[s] * energy[t]))
+            # how far the peak stands out of the whitened surface, in standard deviations: the largest of N
+            # values of a peak-free surface stands about sqrt(2 ln N) ~ 4-5 out, whatever the image size
+            scores.append((surface[r, c] - np.nanmean(surface)) / max(np.nanstd(surface), 1e-12))
     shifts = np.asarray(shifts, float)
     design = np.zeros((len(pairs), t_count))
     for k, (s, t) in enumerate(pairs):

@@ -300,7 +300,18 @@ class SeparationResult(FusionResult):
     def provenance(self) -> dict:
         prov = super().provenance()
         prov["task"] = f"separate:{self.task}"
+        if self.config.interference_motion != "none":
+            prov["rigid_layer"] = self.rigid_layer()
         return prov
+
+    def rigid_layer(self) -> dict:
+        """{"found": bool, "score": float | None}: whether the interference got a rigidly moving layer of its
+        own (``interference_motion``), and the residuals' correlation score it was decided on (None if the
+        run stopped before its warm-up ended)."""
+        model = self._model
+        score = float(getattr(model, "rigid_score", float("nan")))
+        return {"found": self.interference_homographies is not None,
+                "score": None if not np.isfinite(score) else round(score, 4)}
 
     def __repr__(self) -> str:
         return super().__repr__().replace("<FusionResult", f"<SeparationResult task={self.task!r}")
