@@ -211,7 +211,8 @@ def test_reflection_rigid_layer_beats_input_and_aligned_baselines_on_a_small_cro
     def psnr(a):
         return -10 * np.log10(((a[inner] - s.clean[inner]) ** 2).mean())
 
-    # aligned temporal minimum and median, as the benchmark computes them (ORB + RANSAC onto each frame)
+    # aligned temporal minimum and median like the benchmark's (ORB + RANSAC onto each frame; borders here
+    # take the nearest pixel where the benchmark takes the frame's own value)
     homs = feature_homographies(s.frames)
     stacks = [np.stack([np.stack([warp(s.frames[j][..., c], ProjectiveTransform(np.linalg.inv(homs[j]) @ homs[t]),
                                        order=1, mode="edge") for c in range(3)], -1) for j in range(5)])
