@@ -318,6 +318,25 @@ def test_separate_widget_from_the_task_table(make_napari_viewer, qtbot, task, no
     assert not notes["error"]
 
 
+def test_rigid_reflection_layer_is_shown_and_removed_with_the_next_run(make_napari_viewer):
+    """A reflection with a rigid layer of its own adds "<source> interference canonical" (hidden); a later run
+    of the same source without one removes it."""
+    import napari_nir as nir
+    from napari_nir._sample_data import separation_burst
+
+    frames = separation_burst("reflection", 3, (32, 32)).frames
+    viewer = make_napari_viewer()
+    viewer.add_image(frames.copy(), rgb=True, name="burst")
+    rigid = nir.separate(frames, "reflection", steps=10, device="cpu", interference_motion="homography")
+    add_result_to_viewer(viewer, rigid, "burst")
+    layer = viewer.layers["burst interference canonical"]
+    assert layer.data.shape == (32, 32, 3) and layer.rgb and not layer.visible
+    np.testing.assert_array_equal(layer.data, rigid.interference_canonical())
+    free = nir.separate(frames, "reflection", steps=10, device="cpu", interference_motion="none")
+    add_result_to_viewer(viewer, free, "burst")
+    assert "burst interference canonical" not in _names(viewer) and "burst scene" in _names(viewer)
+
+
 def _viewer_with_fit(make_napari_viewer, frames, motion):
     """A viewer holding the burst and a 10-step fit of ``motion`` added as result layers; (viewer, fit)."""
     import napari_nir as nir

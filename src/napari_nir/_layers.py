@@ -30,7 +30,8 @@ __all__ = ["OWNER_KEY", "META_KEY", "fusion_layer_data", "add_layer_data", "add_
 
 META_KEY = "napari_nir"
 OWNER_KEY = "napari_nir_owner"
-FUSION_ROLES = ("canonical", "frames", "outlines", "flow", "flow magnitude", "occlusion w")  # a later fit of the same source replaces these
+FUSION_ROLES = ("canonical", "frames", "outlines", "flow", "flow magnitude", "occlusion w",
+                "interference canonical")  # a later fit of the same source replaces these
 
 # edge colours of the frame outlines (matplotlib's tab10), cycled over the frames
 OUTLINE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -181,6 +182,15 @@ def separation_layer_data(sep, source_name: str = "burst", *, scale: Sequence[fl
         kwargs = {"name": f"{source_name} {name}", "rgb": layer_rgb, "scale": scale3, "translate": shift3,
                   "visible": name == "scene", "metadata": _metadata(sep, source_name, name)}
         out.append((data, kwargs, "image"))
+    reflection = sep.interference_canonical()
+    if reflection is not None:  # the interference's rigid layer (a reflection) fused in its own coordinates
+        if channels and not rgb:
+            reflection = reflection[..., 0] if channels == 1 else np.moveaxis(reflection, -1, 0)
+        out.append((reflection, {"name": f"{source_name} interference canonical", "rgb": bool(rgb),
+                                 "scale": list(yx_scale) if not (channels > 1 and not rgb) else [1.0, *yx_scale],
+                                 "translate": list(yx_shift) if not (channels > 1 and not rgb) else [0.0, *yx_shift],
+                                 "visible": False,
+                                 "metadata": _metadata(sep, source_name, "interference canonical")}, "image"))
     fused = fusion_layer_data(sep, source_name, scale=scale, translate=translate, rgb=rgb)
     for data, kwargs, kind in fused:
         kwargs["visible"] = False if kind != "image" or not kwargs["name"].endswith("canonical") else True

@@ -220,6 +220,17 @@ def test_reflection_rigid_layer_beats_input_and_aligned_baselines_on_a_small_cro
     best_baseline = max(psnr(np.stack([st.min(0) for st in stacks])), psnr(np.stack([np.median(st, 0) for st in stacks])))
     assert psnr(scene) > psnr(s.frames) + 5.0
     assert psnr(scene) > best_baseline + 1.0
+    # the reflection fused in its own coordinates, seen through each frame's homography, is that frame's
+    # interference (the free part adds little): the two APIs agree on their conventions
+    reflection = sep.interference_canonical(dtype="float32")
+    interference = sep.layers(dtype="float32")["interference"]
+    assert reflection.shape == (96, 96, 3)
+    for t, h in enumerate(sep.interference_homographies):
+        seen = np.stack([warp(reflection[..., c], ProjectiveTransform(h), order=1, cval=np.nan) for c in range(3)], -1)
+        inside = np.isfinite(seen).all(-1)
+        inside[:6], inside[-6:], inside[:, :6], inside[:, -6:] = False, False, False, False
+        error = np.sqrt(np.mean((seen[inside] - interference[t][inside]) ** 2))
+        assert error < 0.02, (t, error)
 
 
 def test_auto_rigid_layer_is_left_off_when_the_interference_does_not_move_rigidly():

@@ -268,6 +268,21 @@ class SeparationResult(FusionResult):
         h = np.einsum("ij,tjk,kl->til", np.linalg.inv(n), matrices, n)
         return h / h[:, 2:3, 2:3]
 
+    def interference_canonical(self, *, dtype: str = "input") -> np.ndarray | None:
+        """(H, W[, C]) the interference's rigid layer (a reflection) fused over the burst, on the frame-sized
+        pixel grid of ``interference_homographies``, in the burst's units like ``layers()["interference"]``;
+        None without a rigid layer."""
+        if self.interference_homographies is None:
+            return None
+        b = self._burst
+        xy = torch.as_tensor(render.pixel_grid(b.H, b.W, self._input_norm))
+        out = np.empty((b.H * b.W, b.C), dtype=np.float32)
+        with torch.no_grad():
+            for start in range(0, len(xy), render.CHUNK):
+                chunk = xy[start:start + render.CHUNK].to(self._device)
+                out[start:start + len(chunk)] = self._model.rigid_layer_at(chunk).cpu().numpy()
+        return b.restore(out.reshape(b.H, b.W, b.C), dtype=dtype)
+
     def layers(self, *, dtype: str = "input") -> dict[str, np.ndarray]:
         """{"scene", "interference"[, "alpha"]}: (T, H, W[, C]) in the burst's layout, units and dtype.
 

@@ -50,6 +50,7 @@ class SeparationModel(nn.Module):
         self.moving_motion = LieHomography(n_frames) if moving_layer is not None else None
         self.task = task
         self.n_frames = n_frames
+        self.channels = channels
         self.register_buffer("interference_on", torch.tensor(1.0))
         self.register_buffer("rigid_on", torch.tensor(0.0))
         self.register_buffer("free_on", torch.tensor(1.0))
@@ -90,6 +91,13 @@ class SeparationModel(nn.Module):
 
     def interference_raw(self, frame_index: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
         return self.interference_parts(frame_index, xy)[0]
+
+    def rigid_layer_at(self, xy: torch.Tensor) -> torch.Tensor:
+        """(N, C) the rigid layer alone (the free part at its start value) at (N, 2) points of its own
+        coordinates, as the task's "interference" layer in working units."""
+        raw = self.moving_layer(xy.float()) + self.free_init
+        zeros = torch.zeros(len(xy), self.channels, device=xy.device)
+        return self.task.compose(zeros, raw)[1]["interference"]
 
     def interference_homographies(self) -> np.ndarray | None:
         """(T, 3, 3) float64 normalised frame -> interference-layer homographies K_t, or None when the
