@@ -336,3 +336,5 @@ def test_separate_reflection_writes_the_rigid_layers_alignment(tmp_path):
     assert record["found"] and record["score"] >= 10  # measured 11.6
     assert np.asarray(record["homographies"]).shape == (3, 3, 3)
     assert json.loads((out / "provenance.json").read_text())["rigid_layer"] == {k: record[k] for k in ("found", "score")}
+    reflection, meta = io.read_tiff(out / "interference_canonical.tif")
+    assert reflection.shape == (96, 96, 3) and meta["output"] == "interference canonical"

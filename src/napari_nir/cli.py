@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         "separate", help="split a burst into a scene and an interference layer (" + ", ".join(TASKS) + ")",
         description="Separate a burst into the scene (following the motion model) and an interference layer, and "
                     "write scene.tif, interference.tif, alpha.tif (fence, rain), canonical.tif (the scene fused), "
-                    "side_by_side.png and provenance.json into OUTDIR.",
+                    "side_by_side.png and provenance.json into OUTDIR; reflection (fast preset) also "
+                    "interference_homographies.json and, where the reflection moves rigidly, "
+                    "interference_canonical.tif (the reflection fused).",
         epilog=f"tasks: {task_lines}",
     )
     separate.add_argument("burst", metavar="BURST", help="a multi-page TIFF, a .npy array, or a folder of frames")
@@ -259,7 +261,7 @@ def _cmd_separate(args) -> int:
     names = [f"{layer}.tif" for layer in task.layers] + ["canonical.tif", "side_by_side.png", "provenance.json"]
     rigid_layer = separation_config(task.name, args.preset, args.motion).interference_motion != "none"
     if rigid_layer:
-        names.append("interference_homographies.json")
+        names += ["interference_homographies.json", "interference_canonical.tif"]
     _check_outputs(outdir, names, args.overwrite)
     burst = io.read_burst(args.burst)
     _check_burst_shape(burst, args.burst)
@@ -277,6 +279,11 @@ def _cmd_separate(args) -> int:
         files["interference_homographies.json"] = ("json", {
             "convention": INTERFERENCE_HOMOGRAPHY_CONVENTION, **sep.rigid_layer(),
             "homographies": None if matrices is None else matrices.tolist()}, None, None)
+        if matrices is not None:
+            files["interference_canonical.tif"] = ("tiff", sep.interference_canonical(),
+                                                   {**prov, "output": "interference canonical"}, channels)
+        elif args.overwrite:  # a stale one from an earlier run would contradict the JSON
+            (outdir / "interference_canonical.tif").unlink(missing_ok=True)
     files["side_by_side.png"] = ("png", io.side_by_side([np.asarray(burst[0]), layers["scene"][0],
                                                          layers["interference"][0]]), None, None)
     files["provenance.json"] = ("json", {**prov, "source": os.fspath(args.burst), "command": [PROG, *_argv_used(args)],
