@@ -106,11 +106,12 @@ def test_cancel_then_rerun(make_napari_viewer, qtbot, frames, notes):
     threads = torch.get_num_threads()
     viewer, layer, widget = _docked(make_napari_viewer, frames, steps=3000)
     worker = widget.run()
-    events = []
+    events, job, steps_at_cancel = [], widget._job, []
 
     def first_event(event):
         events.append(event.step)
         if len(events) == 1:
+            steps_at_cancel.append(len(job.history))  # steps the worker had finished when the GUI cancelled
             widget.cancel()
 
     worker.yielded.connect(first_event)
@@ -121,7 +122,9 @@ def test_cancel_then_rerun(make_napari_viewer, qtbot, frames, notes):
         pass
     assert done.args == ["cancelled"]
     _wait(qtbot, widget)
-    assert len(events) <= 3  # stopped within a step or two
+    # stopped within a step or two of the cancel; counted on the worker's side, since yielded signals queue up
+    # in the GUI thread (a CI run saw 4 events delivered for a worker that had stopped in time)
+    assert len(job.history) - steps_at_cancel[0] <= 2 and len(job.history) < 3000
     assert _names(viewer) == ["burst"]  # no result layers, no preview layer
     assert widget.run_button.text == "Run" and widget.run_button.enabled and widget.layer.enabled
     assert not notes["error"]
