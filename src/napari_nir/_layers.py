@@ -91,17 +91,9 @@ def fusion_layer_data(fit: FusionResult, source_name: str = "burst", *, scale: S
     t_scale, yx_scale = _spatial_and_time(scale, 1.0)
     t_shift, yx_shift = _spatial_and_time(translate, 0.0)
 
-    canonical = fit.canonical("union", 1.0)
-    frames = fit.frames()
-    can_scale, can_shift = list(yx_scale), list(yx_shift)
-    fr_scale, fr_shift = [t_scale, *yx_scale], [t_shift, *yx_shift]
-    if channels and not rgb:
-        if channels == 1:
-            canonical, frames = canonical[..., 0], frames[..., 0]
-        else:  # channel axis before Y, X so that napari shows (C,) sliders, not a width-C image
-            canonical, frames = np.moveaxis(canonical, -1, 0), np.moveaxis(frames, -1, 1)
-            can_scale, can_shift = [1.0, *can_scale], [0.0, *can_shift]
-            fr_scale, fr_shift = [t_scale, 1.0, *yx_scale], [t_shift, 0.0, *yx_shift]
+    canonical, can_scale, can_shift = _channel_axes(fit.canonical("union", 1.0), channels, rgb, yx_scale, yx_shift)
+    frames, fr_scale, fr_shift = _channel_axes(fit.frames(), channels, rgb, [t_scale, *yx_scale],
+                                               [t_shift, *yx_shift])
 
     out: list[LayerDataTuple] = [
         (canonical, {"name": f"{source_name} canonical", "rgb": bool(rgb), "scale": can_scale,
@@ -128,6 +120,18 @@ def fusion_layer_data(fit: FusionResult, source_name: str = "burst", *, scale: S
             "shapes",
         ))
     return out
+
+
+def _channel_axes(data: np.ndarray, channels: int, rgb: bool, scale, translate):
+    """(..., H, W, C) data and its (..., Y, X) scale/translate as napari should show them: (data, scale,
+    translate). Colour (rgb) and grey (no channel axis) stay; a single channel is squeezed away; several
+    channels move in front of Y, X, so that napari shows a (C,) slider, not a width-C image."""
+    scale, translate = list(scale), list(translate)
+    if not channels or rgb:
+        return data, scale, translate
+    if channels == 1:
+        return data[..., 0], scale, translate
+    return np.moveaxis(data, -1, -3), [*scale[:-2], 1.0, *scale[-2:]], [*translate[:-2], 0.0, *translate[-2:]]
 
 
 def flow_layer_data(fit: FusionResult, source_name: str, *, t_scale=1.0, t_shift=0.0, yx_scale=(1.0, 1.0),
@@ -184,12 +188,9 @@ def separation_layer_data(sep, source_name: str = "burst", *, scale: Sequence[fl
         out.append((data, kwargs, "image"))
     reflection = sep.interference_canonical()
     if reflection is not None:  # the interference's rigid layer (a reflection) fused in its own coordinates
-        if channels and not rgb:
-            reflection = reflection[..., 0] if channels == 1 else np.moveaxis(reflection, -1, 0)
+        reflection, ref_scale, ref_shift = _channel_axes(reflection, channels, rgb, yx_scale, yx_shift)
         out.append((reflection, {"name": f"{source_name} interference canonical", "rgb": bool(rgb),
-                                 "scale": list(yx_scale) if not (channels > 1 and not rgb) else [1.0, *yx_scale],
-                                 "translate": list(yx_shift) if not (channels > 1 and not rgb) else [0.0, *yx_shift],
-                                 "visible": False,
+                                 "scale": ref_scale, "translate": ref_shift, "visible": False,
                                  "metadata": _metadata(sep, source_name, "interference canonical")}, "image"))
     fused = fusion_layer_data(sep, source_name, scale=scale, translate=translate, rgb=rgb)
     for data, kwargs, kind in fused:

@@ -265,3 +265,15 @@ def test_rigid_layer_options_are_validated():
     with pytest.raises(ValueError, match="interference_free_start"):
         nir.separate(frames, "reflection", interference_free_start=1.5)
     assert separation_config("reflection", "paper").interference_motion == "none"  # the official model
+
+
+def test_the_papers_model_keeps_its_saved_state_without_rigid_layer_entries():
+    """Results saved before the rigid layer existed load strictly: a model without one saves exactly what it
+    saved then (no rigid-layer buffers), and the derived start value is never saved."""
+    frames = separation_burst("reflection", 2, (16, 16)).frames
+    free = nir.separate(frames, "reflection", steps=2, device="cpu", interference_motion="none")
+    keys = set(free._model.state_dict())
+    assert not {k for k in keys if k.startswith(("moving_", "rigid_", "free_"))}
+    rigid = nir.separate(frames, "reflection", steps=2, device="cpu", interference_motion="homography")
+    assert {"rigid_on", "free_on", "rigid_score"} <= set(rigid._model.state_dict())
+    assert "free_init" not in rigid._model.state_dict()

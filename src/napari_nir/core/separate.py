@@ -52,10 +52,14 @@ class SeparationModel(nn.Module):
         self.n_frames = n_frames
         self.channels = channels
         self.register_buffer("interference_on", torch.tensor(1.0))
-        self.register_buffer("rigid_on", torch.tensor(0.0))
-        self.register_buffer("free_on", torch.tensor(1.0))
-        self.register_buffer("rigid_score", torch.tensor(float("nan")))  # set at the warm-up's end
-        self.register_buffer("free_init", interference_init(task, channels))
+        if moving_layer is not None:
+            # only with a rigid layer, so that the state of the paper's model (and files saved before the rigid
+            # layer existed) stays as it was
+            self.register_buffer("rigid_on", torch.tensor(0.0))
+            self.register_buffer("free_on", torch.tensor(1.0))
+            self.register_buffer("rigid_score", torch.tensor(float("nan")))  # set at the warm-up's end
+            # derived from the task, so not saved
+            self.register_buffer("free_init", interference_init(task, channels), persistent=False)
         self._last = None  # layers of the last training batch, for the regulariser
         self._last_rigid = None  # the rigid layer alone (plus the free part's start value), same batch
 
@@ -79,12 +83,14 @@ class SeparationModel(nn.Module):
     def interference_parts(self, frame_index: torch.Tensor, xy: torch.Tensor):
         """(raw, rigid_raw): the interference's raw outputs (N, K), and those of the rigid layer alone (with
         the free part at its start value) when both parts are on, else None."""
+        t = frame_index.float() / max(self.n_frames - 1, 1) * 2 - 1
+        if self.moving_layer is None:
+            return self.interference(torch.cat([xy.float(), t[:, None]], 1)), None
         if float(self.free_on) > 0:
-            t = frame_index.float() / max(self.n_frames - 1, 1) * 2 - 1
             free = self.interference(torch.cat([xy.float(), t[:, None]], 1))
         else:
             free = self.free_init.expand(len(xy), -1)
-        if self.moving_layer is None or float(self.rigid_on) == 0:
+        if float(self.rigid_on) == 0:
             return free, None
         rigid = self.moving_layer(self.moving_motion(frame_index, xy).float())
         return rigid + free, (rigid + self.free_init if float(self.free_on) > 0 else None)
@@ -206,8 +212,7 @@ class SeparationModel(nn.Module):
                 coeffs = self.moving_motion.coeffs
                 coeffs.copy_(torch.as_tensor(algebra_coefficients(start), dtype=coeffs.dtype, device=coeffs.device))
         self.rigid_on.fill_(1.0 if rigid else 0.0)
-        self.rigid_score.fill_(float(score))
-        self.free_on.fill_(0.0 if rigid and config.interference_free_start > config.scene_warmup else 1.0)
+        self.rigid_score.fill_(float(score))  # free_on follows in set_progress, called next in the same step
         self.start_report = {"score": float(score), "rigid": bool(rigid), "shifts": shifts}
         return self.start_report
 
