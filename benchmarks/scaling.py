@@ -11,8 +11,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch
@@ -33,7 +31,7 @@ gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") els
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")]
 rss = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"per_step": per_step, "rss_mb": rss,
-                  "gpu_mb": gpu, "params": params, "batch": fit.config.batch,
+                  "gpu_mb": gpu, "params": params, "batch": fit.config.get("batch"),
                   "levels": len(model.field.grids), "features": model.field.grids[0].shape[1],
                   "hidden": model.field.mlp[0].out_features, "channels": burst.shape[-1]}))
 """

@@ -9,7 +9,7 @@ import yaml
 
 import napari_nir
 from napari_nir import _sample_data
-from napari_nir.core.fit import MOTIONS
+from napari_nir.core.motions import MOTIONS
 
 MANIFEST = Path(napari_nir.__file__).with_name("napari.yaml")
 
@@ -23,7 +23,8 @@ def test_manifest_is_valid_and_imports():
 def test_a_sample_for_every_motion_and_task():
     manifest = yaml.safe_load(MANIFEST.read_text())
     keys = {s["key"] for s in manifest["contributions"]["sample_data"]}
-    wanted = {f"{m}_burst" for m in MOTIONS} | {f"{t}_burst" for t in napari_nir.TASKS}
+    wanted = {m.sample for m in MOTIONS.values()} | {f"{t}_burst" for t in napari_nir.TASKS}
+    assert all(m.sample for m in MOTIONS.values())
     assert wanted <= keys
 
 

@@ -14,7 +14,6 @@ import threading
 import time
 import tracemalloc
 import weakref
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,7 +22,8 @@ import torch
 import napari_nir as nir
 from napari_nir.core import memory
 from napari_nir.core.burst import prepare_burst
-from napari_nir.core.fit import FitConfig, preset_config
+from napari_nir.core.config import FitConfig, options
+from napari_nir.core.presets import preset_config
 from napari_nir.core.provenance import fuse_kwargs_from_provenance, rerun
 
 QUICK = {"steps": 3, "device": "cpu", "init": "identity"}
@@ -231,7 +231,7 @@ def test_estimate_grows_with_size_frames_and_preset():
 
 @pytest.mark.parametrize("motion", ["homography", "flow", "occlusion"])
 def test_estimate_counts_the_real_networks(motion):
-    from napari_nir.core.fit import make_model
+    from napari_nir.core.build import make_model
 
     config = preset_config(motion, "fast")
     shape = (3, 40, 56, 3)
@@ -260,7 +260,7 @@ def test_absurd_request_is_refused_with_a_working_size_that_fits():
     message = str(info.value)
     size = int(re.search(r"working_size=(\d+)", message).group(1))
     assert 64 <= size < 4096 and size % 16 == 0
-    fits = memory.estimate_fit_bytes(memory.working_shape(shape, size), replace(config, working_size=size),
+    fits = memory.estimate_fit_bytes(memory.working_shape(shape, size), config.replace(working_size=size),
                                      input_shape=shape)
     assert fits <= available
     # many frames: fewer frames fit too
@@ -464,7 +464,7 @@ def test_same_seed_same_bits_and_seeds_differ(seeded_burst):
 def test_provenance_records_everything_and_reproduces_the_result(seeded_burst, tmp_path):
     fit = nir.fuse(seeded_burst, steps=15, device="cpu", seed=3, batch=4096, lr_motion=2e-3)
     prov = fit.provenance()
-    assert set(prov["parameters"]) == set(FitConfig.__dataclass_fields__)
+    assert set(prov["parameters"]) == set(options())
     assert prov["seed"] == 3 and prov["parameters"]["seed"] == 3 and prov["parameters"]["batch"] == 4096
     kwargs = fuse_kwargs_from_provenance(prov)
     again = nir.fuse(seeded_burst, **kwargs)

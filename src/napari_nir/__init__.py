@@ -1,6 +1,6 @@
 """napari-nir: neural image representations for multi-image fusion and layer separation.
 
-Public API (see DESIGN.md section 4)::
+Public API (docs/architecture.md describes the layers behind it)::
 
     import napari_nir as nir
     fit = nir.fuse(burst, "homography")      # burst: (T, H, W[, C]) array-like
@@ -8,9 +8,9 @@ Public API (see DESIGN.md section 4)::
 """
 from ._version import __version__
 from .core.api import FusionJob, SeparationJob, fuse, separate
-from .core.fit import ProgressEvent
 from .core.result import FusionResult, SeparationResult, load
 from .core.tasks import TASKS
+from .core.train import ProgressEvent
 
 
 def add_result_to_viewer(viewer, fit, source_name: str = "burst", **kwargs):
@@ -19,4 +19,5 @@ def add_result_to_viewer(viewer, fit, source_name: str = "burst", **kwargs):
 
     return add(viewer, fit, source_name, **kwargs)
 
-__all__ = ["__version__", "fuse", "separate", "FusionJob", "SeparationJob", "SeparationResult", "TASKS", "load", "FusionResult", "ProgressEvent", "add_result_to_viewer"]
+__all__ = ["__version__", "fuse", "separate", "FusionJob", "SeparationJob", "SeparationResult", "TASKS", "load",
+           "FusionResult", "ProgressEvent", "add_result_to_viewer"]

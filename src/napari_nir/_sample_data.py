@@ -212,7 +212,8 @@ def flow_burst(n_frames: int = 7, shape: tuple[int, int] = (256, 256), *, image:
     rows, cols = np.mgrid[0:h, 0:w].astype(float)
     clean, disp = [], []
     for t in range(n_frames):
-        clean.append(_render_warped(source, shape, lambda c, r, t=t: tuple(a + b for a, b in zip((c, r), field(t, c, r)))))
+        clean.append(_render_warped(source, shape,
+                                    lambda c, r, t=t: tuple(a + b for a, b in zip((c, r), field(t, c, r)))))
         dc, dr = field(t, cols, rows)
         disp.append(np.stack([dr, dc], -1))
     clean = np.stack(clean)

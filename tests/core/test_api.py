@@ -1,4 +1,4 @@
-"""napari_nir.fuse and FusionResult: the public contract of DESIGN.md section 4 (small, fast fits)."""
+"""napari_nir.fuse and FusionResult: the public contract (README "Use it", docs/architecture.md) on small, fast fits."""
 from __future__ import annotations
 
 import numpy as np
@@ -152,12 +152,14 @@ def test_cuda_requested_without_gpu_is_explained():
 
 
 def test_paper_preset_matches_the_official_configuration(small_sample):
+    from napari_nir.core.build import build_model
     from napari_nir.core.fields import Siren
-    from napari_nir.core.fit import build_model, preset_config
     from napari_nir.core.motion import MLPHomography
+    from napari_nir.core.presets import preset_config
 
     cfg = preset_config("homography", "paper")
-    assert (cfg.steps, cfg.lr_field, cfg.lr_motion, cfg.batch, cfg.loss, cfg.value_range, cfg.working_size) == (
+    names = ("steps", "lr_field", "lr_motion", "batch", "loss", "value_range", "working_size")
+    assert tuple(cfg.get(name) for name in names) == (
         3000, 1e-4, 1e-4, -4, "mse", (-1.0, 1.0), 512)
     model = build_model(small_sample.frames, cfg, __import__("torch").device("cpu"))
     assert isinstance(model.field, Siren) and isinstance(model.motion, MLPHomography)

@@ -7,10 +7,11 @@ from scipy.linalg import expm
 
 from napari_nir._sample_data import corner_error, homography_burst
 from napari_nir.core import motion
+from napari_nir.core.geometry import Normaliser
 
 
 def test_normaliser_is_isotropic_and_centred():
-    n = motion.Normaliser(100, 200)
+    n = Normaliser(100, 200)
     m = n.matrix
     assert np.allclose(m @ [99.5, 49.5, 1], [0, 0, 1])
     assert np.allclose(m @ [199.5, 49.5, 1], [1, 0, 1])  # longer side spans [-1, 1] (to pixel edges)
@@ -75,3 +76,4 @@ def test_layer_translations_find_a_second_layers_shifts_past_an_aligned_one():
     assert score > 10
     _, noise_score = motion.layer_translations(rng.normal(size=(4, 96, 96)), np.ones((96, 96), bool))
     assert noise_score < 10
+

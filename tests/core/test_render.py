@@ -24,11 +24,11 @@ def test_union_pixels_outside_every_frame_are_filled(small_fit):
 
 
 def test_pixel_grid_scale():
-    from napari_nir.core.motion import Normaliser
+    from napari_nir.core.geometry import Normaliser, pixel_grid
 
     n = Normaliser(4, 6)
-    g1 = render.pixel_grid(4, 6, n, 1.0)
-    g2 = render.pixel_grid(4, 6, n, 2.0)
+    g1 = pixel_grid(4, 6, n, 1.0)
+    g2 = pixel_grid(4, 6, n, 2.0)
     assert g1.shape == (24, 2) and g2.shape == (96, 2)
     np.testing.assert_allclose(g1.reshape(4, 6, 2).mean((0, 1)), [0, 0], atol=1e-6)
     np.testing.assert_allclose(g2.reshape(8, 12, 2).mean((0, 1)), [0, 0], atol=1e-6)

@@ -9,9 +9,7 @@ import napari_nir as nir
 from napari_nir._sample_data import separation_burst
 from napari_nir.core import tasks
 from napari_nir.core.burst import prepare_burst
-from dataclasses import replace
-
-from napari_nir.core.fit import separation_config
+from napari_nir.core.presets import separation_config
 
 
 @pytest.mark.parametrize("task", list(nir.TASKS))
@@ -43,7 +41,7 @@ def test_unknown_task_and_motion_are_explained():
 def test_motion_override_and_save_load(tmp_path):
     frames = separation_burst("reflection", 3, (32, 32)).frames
     sep = nir.separate(frames, "reflection", motion="homography", steps=10, device="cpu")
-    assert sep.config.motion == "homography" and sep.homographies.shape == (3, 3, 3)
+    assert sep.config.motion.model == "homography" and sep.homographies.shape == (3, 3, 3)
     sep.save(tmp_path / "sep.npz")
     loaded = nir.load(tmp_path / "sep.npz")
     assert isinstance(loaded, nir.SeparationResult) and loaded.task == "reflection"
@@ -77,8 +75,8 @@ def test_compose_formation_models():
 def test_paper_preset_follows_the_official_configuration(task):
     cfg = separation_config(task, "paper")
     paper = nir.TASKS[task].paper
-    assert (cfg.steps, cfg.batch, cfg.loss) == (paper["steps"], paper["batch"], paper["loss"])
-    assert cfg.field == "siren" and cfg.field_options["omega0"] == paper["f1_omega0"]
+    assert (cfg.steps, cfg.get("batch"), cfg.get("loss")) == (paper["steps"], paper["batch"], paper["loss"])
+    assert cfg.field == "siren" and cfg.get("field_options")["omega0"] == paper["f1_omega0"]
     assert cfg.motion == nir.TASKS[task].motion
     frames = separation_burst(task, 2, (16, 16)).frames
     sep = nir.separate(frames, task, preset="paper", steps=2, device="cpu")
@@ -141,12 +139,12 @@ def test_moire_interference_is_held_to_zero_mean_per_frame():
 
 def test_zero_mean_prior_is_not_in_the_paper_preset():
     """The paper preset is the official configuration: the fast preset's zero-mean prior stays out of it."""
-    from napari_nir.core.fit import build_model
+    from napari_nir.core.build import build_model
 
     frames = separation_burst("moire", 3, (24, 24), seed=0).frames
     terms = {}
     for preset in ("fast", "paper"):
-        config = replace(separation_config("moire", preset), sparsity=0.0, exclusion=0.0, init="identity")
+        config = separation_config("moire", preset).replace(sparsity=0.0, exclusion=0.0, init="identity")
         model = build_model(frames, config, torch.device("cpu"))
         model._last = {"interference": torch.full((4, 3), 0.5)}  # a layer far from zero mean
         model._last_frames = torch.tensor([0, 1, 2, 0])
@@ -155,7 +153,7 @@ def test_zero_mean_prior_is_not_in_the_paper_preset():
 
 
 def test_frame_means_average_each_frames_points():
-    from napari_nir.core.separate import SeparationModel
+    from napari_nir.core.models import SeparationModel
 
     model = SeparationModel.__new__(SeparationModel)
     torch.nn.Module.__init__(model)
@@ -178,16 +176,16 @@ def test_cauchy_warm_up_is_the_fence_fast_presets_only_and_validated():
 def test_moire_interference_grid_is_finer_than_the_scene_and_capped_on_large_frames():
     """Moire's interference grid has 4 cells per pixel (it must hold a near-Nyquist grating the band-limited
     scene cannot), fewer on large frames so that its dense update stays bounded; other tasks keep the scene's."""
-    from napari_nir.core.fit import build_model
-    from napari_nir.core.separate import MAX_INTERFERENCE_NODES, interference_density
+    from napari_nir.core.build import build_model
+    from napari_nir.core.models import MAX_INTERFERENCE_NODES, interference_density
 
     moire = separation_config("moire", "fast")
     assert interference_density(moire, 256, 256) == 4.0
     assert (1024 * interference_density(moire, 1024, 1024)) ** 2 <= MAX_INTERFERENCE_NODES * 1.0001
-    assert interference_density(moire, 4096, 4096) == moire.grid_density  # never coarser than the scene
+    assert interference_density(moire, 4096, 4096) == moire.get("grid_density")  # never coarser than the scene
     assert interference_density(separation_config("reflection", "fast"), 256, 256) == 1.0
     frames = separation_burst("moire", 3, (32, 32), seed=0).frames
-    model = build_model(frames, replace(moire, init="identity"), torch.device("cpu"))
+    model = build_model(frames, moire.replace(init="identity"), torch.device("cpu"))
     finest_cells = model.interference.grids[-1].shape[-1] - 1
     assert 4 * 32 <= finest_cells <= 4 * 32 * 1.05, finest_cells
     with pytest.raises(ValueError, match="interference_density"):
@@ -199,8 +197,9 @@ def test_reflection_rigid_layer_beats_input_and_aligned_baselines_on_a_small_cro
     crop, default fast preset: the reflection gets a rigid layer of its own (measured 23.4 dB against the input's
     16.6 and the aligned minimum's 17.7; the free per-frame interference alone left the reflection's lower
     envelope in the scene)."""
-    from napari_nir.core.motion import feature_homographies
     from skimage.transform import ProjectiveTransform, warp
+
+    from napari_nir.core.motion import feature_homographies
 
     s = separation_burst("reflection", 5, (96, 96), seed=0)
     sep = nir.separate(s.frames, "reflection", device="cpu")
@@ -217,7 +216,8 @@ def test_reflection_rigid_layer_beats_input_and_aligned_baselines_on_a_small_cro
     stacks = [np.stack([np.stack([warp(s.frames[j][..., c], ProjectiveTransform(np.linalg.inv(homs[j]) @ homs[t]),
                                        order=1, mode="edge") for c in range(3)], -1) for j in range(5)])
               for t in range(5)]
-    best_baseline = max(psnr(np.stack([st.min(0) for st in stacks])), psnr(np.stack([np.median(st, 0) for st in stacks])))
+    best_baseline = max(psnr(np.stack([st.min(0) for st in stacks])),
+                        psnr(np.stack([np.median(st, 0) for st in stacks])))
     assert psnr(scene) > psnr(s.frames) + 5.0
     assert psnr(scene) > best_baseline + 1.0
     # the reflection fused in its own coordinates, seen through each frame's homography, is that frame's
@@ -238,7 +238,7 @@ def test_auto_rigid_layer_is_left_off_when_the_interference_does_not_move_rigidl
     free interference f2(x, y, t) alone (score measured 6.4)."""
     s = separation_burst("rain", 4, (48, 48), seed=0)
     sep = nir.separate(s.frames, "reflection", steps=200, device="cpu")
-    assert sep.config.interference_motion == "auto"
+    assert sep.config.separation.interference_motion == "auto"
     assert not sep._model.start_report["rigid"] and sep._model.start_report["score"] < 10
     assert sep.interference_homographies is None
 

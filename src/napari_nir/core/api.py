@@ -1,34 +1,35 @@
 """The public entry points, pure numpy/torch: ``fuse`` (and, later, ``separate``)."""
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from . import render
-from .burst import prepare_burst
-from .fit import MOTIONS, PRESETS, ProgressEvent, build_model, fit_steps, preset_config, resolve_device, working_frames
-from .fit import separation_config
+from .build import build_model
+from .burst import prepare_burst, working_frames
+from .config import PRESETS
+from .config import options as config_options
 from .memory import check_fit_memory, working_shape
+from .motions import MOTIONS
+from .presets import preset_config, separation_config
 from .result import FusionResult, SeparationResult
 from .tasks import get_task
+from .train import ProgressEvent, cpu_fit_settings, fit_steps, resolve_device
 
 
 def _check_common(preset, steps, seed, options) -> tuple[int | None, int]:
     """Validate the arguments every job takes; returns (steps, seed)."""
-    from .fit import FitConfig
-
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    unknown = set(options) - set(FitConfig.__dataclass_fields__) - {"preset", "motion", "task"}
+    valid = config_options()
+    unknown = set(options) - set(valid) - {"preset", "motion", "task"}
     if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}; valid: "
-                        f"{', '.join(sorted(FitConfig.__dataclass_fields__))}")
+        raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(valid))}")
     return _check_int("steps", steps, 1), _check_int("seed", seed, 0)
 
 
@@ -94,8 +95,9 @@ class FusionJob:
         self.burst = prepare_burst(burst)
         self.config = self._configure(motion, preset, steps=steps, seed=seed, device=str(self.device), **options)
         self.config.validate()
-        check_fit_memory(working_shape(self.burst.data.shape, self.config.working_size), self.config, self.device,
-                         input_shape=self.burst.data.shape)  # ValueError naming a size that fits
+        working = working_shape(self.burst.data.shape, self.config.runtime.working_size)
+        # a ValueError naming a size that fits
+        check_fit_memory(working, self.config, self.device, input_shape=self.burst.data.shape)
         self.history: list[dict] = []
         self.model = None
         self._stop = False
@@ -111,13 +113,14 @@ class FusionJob:
 
     def run(self):
         """Generator of ``ProgressEvent``: builds the model (feature start included) and optimises it."""
-        frames, _ = working_frames(self.burst, self.config.working_size)
+        frames, _ = working_frames(self.burst, self.config.runtime.working_size)
         start = time.perf_counter()
         out_of_memory = None
         try:
             with cpu_fit_settings(self.device):
                 self.model = build_model(frames, self.config, self.device)
-                for event in fit_steps(self.model, frames, self.config, self.device, start=start):
+                for event in fit_steps(self.model, frames, self.config, self.device, start=start,
+                                       preview=self._preview):
                     self.history.append({"step": event.step, "seconds": round(event.seconds, 4), "loss": event.loss,
                                          "psnr": event.psnr})
                     self._seconds = time.perf_counter() - start
@@ -134,8 +137,12 @@ class FusionJob:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise RuntimeError(f"the GPU ran out of memory during the fit ({out_of_memory}); GPU memory has been "
-                               f"released. Use a smaller working_size (now {self.config.working_size or 'no limit'}), "
+                               f"released. Use a smaller working_size (now "
+                               f"{self.config.runtime.working_size or 'no limit'}), "
                                f"fewer frames, or device='cpu'") from None
+
+    def _preview(self, model) -> np.ndarray:
+        return render.preview_canonical(model, self.config, self.device)
 
     def result(self) -> FusionResult:
         """The fitted result (call after ``run`` finished or was stopped)."""
@@ -194,28 +201,6 @@ def separate(
         if callback is not None and callback(event) is False:
             job.stop()
     return job.result()
-
-
-@contextlib.contextmanager
-def cpu_fit_settings(device: torch.device):
-    """Settings for a CPU fit, restored afterwards.
-
-    Deterministic algorithms: some multi-threaded CPU kernels (grid_sample's backward among them) accumulate
-    in a thread-dependent order otherwise, and a seed must give bit-identical results.
-    Flush denormals: the grid features start tiny and, with an L1 loss, their updates fall into the
-    denormal range, which made CPU steps 2x slower (measured 16.9 s -> 8.1 s for the 9 x 256^2 benchmark).
-    """
-    if device.type != "cpu":
-        yield
-        return
-    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)  # torch's default; it offers no getter to restore a custom value
-        torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 
 def reconstruction_psnr(result: FusionResult) -> float:

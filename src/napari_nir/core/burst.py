@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Burst", "prepare_burst"]
+__all__ = ["Burst", "prepare_burst", "working_frames"]
 
 MIN_SIZE = 8                 # smallest height/width that can be aligned
 _CHUNK = 1 << 20             # elements per float64 temporary (8 MiB)
@@ -380,3 +380,16 @@ def prepare_burst(burst, *, name: str = "burst", min_frames: int = 2) -> Burst:
         dst[sl] = _to_working_block(rows[sl], lo, lo_ints, scale)
     return Burst(data=data, layout=layout, dtype=np.dtype(a.dtype), lo=lo, scale=scale,
                  lo_exact=tuple(lo_ints) if lo_ints is not None else None)
+
+
+def working_frames(burst: Burst, working_size: int) -> tuple[np.ndarray, float]:
+    """(T, h, w, C) float32 frames for fitting and the factor fit pixels / input pixels (<= 1)."""
+    longest = max(burst.H, burst.W)
+    if working_size <= 0 or longest <= working_size:
+        return burst.data, 1.0
+    from skimage.transform import resize  # here: scikit-image's import is slow and most bursts need no resize
+
+    factor = working_size / longest
+    h, w = max(8, round(burst.H * factor)), max(8, round(burst.W * factor))
+    frames = np.stack([resize(f, (h, w), order=1, anti_aliasing=True) for f in burst.data]).astype(np.float32)
+    return frames, w / burst.W

@@ -50,12 +50,8 @@ class GridField(nn.Module):
         self.register_buffer("lo", torch.tensor(lo, dtype=torch.float32))
         self.register_buffer("span", torch.tensor(span, dtype=torch.float32))
         self.levels = levels
-        growth = (finest / coarsest) ** (1 / max(levels - 1, 1))
         self.grids = nn.ParameterList()
-        for level in range(levels):
-            density = coarsest * growth**level
-            nx = max(2, int(math.ceil((xmax - xmin) * density)) + 1)
-            ny = max(2, int(math.ceil((ymax - ymin) * density)) + 1)
+        for nx, ny in pyramid_shapes(xmin, xmax, ymin, ymax, levels, coarsest, finest):
             shape = (1, features, depth_cells + 1, ny, nx) if self.dims == 3 else (1, features, ny, nx)
             self.grids.append(nn.Parameter(1e-4 * torch.randn(*shape)))
         width = levels * features
@@ -72,13 +68,7 @@ class GridField(nn.Module):
 
     def set_progress(self, progress: float, ramp: float) -> None:
         """Coarse-to-fine: level l reaches full weight at progress (l + 1) / levels * ramp (progress in [0, 1])."""
-        if ramp <= 0:
-            self.level_weights.fill_(1.0)
-            return
-        alpha = progress / ramp * self.levels
-        w = torch.clamp(alpha - torch.arange(self.levels, dtype=torch.float32, device=self.level_weights.device) + 1,
-                        0, 1)
-        self.level_weights.copy_(0.5 - 0.5 * torch.cos(math.pi * w))
+        coarse_to_fine(self.level_weights, progress, ramp)
 
     def encode(self, xy: torch.Tensor) -> torch.Tensor:
         """(N, dims) coordinates -> (N, levels * features) weighted grid features."""
@@ -92,6 +82,38 @@ class GridField(nn.Module):
             {"params": list(self.grids.parameters()), "lr": lr},
             {"params": list(self.mlp.parameters()), "lr": lr * 0.5},
         ]
+
+    def point_floats(self) -> tuple[float, float]:
+        """(training, forward-only) float32 values one evaluated point needs (memory estimate, calibrated on
+        CPU: see core/memory.py)."""
+        feats = sum(int(g.shape[1]) for g in self.grids)
+        width = sum(lin.out_features for lin in self.mlp.modules() if isinstance(lin, nn.Linear))
+        return 6.0 * feats + 3.0 * width, 2.5 * feats + 1.5 * width
+
+
+def pyramid_shapes(xmin: float, xmax: float, ymin: float, ymax: float, levels: int, coarsest: float,
+                   finest: float) -> list[tuple[int, int]]:
+    """(nx, ny) nodes per level of a grid pyramid over the box, densities (cells per normalised unit) spaced
+    geometrically from ``coarsest`` to ``finest``. Shared by the canonical field and the flow's displacement."""
+    growth = (finest / coarsest) ** (1 / max(levels - 1, 1))
+    shapes = []
+    for level in range(levels):
+        density = coarsest * growth**level
+        shapes.append((max(2, int(math.ceil((xmax - xmin) * density)) + 1),
+                       max(2, int(math.ceil((ymax - ymin) * density)) + 1)))
+    return shapes
+
+
+def coarse_to_fine(level_weights: torch.Tensor, progress: float, ramp: float) -> None:
+    """Set (levels,) ``level_weights`` in place: level l fades in (half cosine) until progress (l + 1) / levels *
+    ramp; ``ramp`` 0: every level at full weight."""
+    if ramp <= 0:
+        level_weights.fill_(1.0)
+        return
+    levels = len(level_weights)
+    alpha = progress / ramp * levels
+    w = torch.clamp(alpha - torch.arange(levels, dtype=torch.float32, device=level_weights.device) + 1, 0, 1)
+    level_weights.copy_(0.5 - 0.5 * torch.cos(math.pi * w))
 
 
 def sample_levels(grids, unit: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -150,3 +172,8 @@ class Siren(nn.Module):
 
     def param_groups(self, lr: float) -> list[dict]:
         return [{"params": list(self.parameters()), "lr": lr}]
+
+    def point_floats(self) -> tuple[float, float]:
+        """(training, forward-only) float32 values one evaluated point needs (see GridField.point_floats)."""
+        widths = [lin.out_features for lin in self.modules() if isinstance(lin, nn.Linear)]
+        return 3.0 * sum(widths), 3.0 * max(widths, default=0)

@@ -43,6 +43,10 @@ import os
 
 import torch
 
+from .build import make_model
+from .geometry import Normaliser
+from .render import CHUNK
+
 __all__ = ["available_bytes", "estimate_fit_bytes", "fit_memory_breakdown", "check_fit_memory", "working_shape",
            "format_bytes"]
 
@@ -159,7 +163,7 @@ def available_bytes(device: torch.device | str) -> int:
 
 # -- what a fit needs ---------------------------------------------------------------------------------
 def working_shape(input_shape, working_size: int) -> tuple[int, int, int, int]:
-    """(T, h, w, C) of the working frames for an input (T, H, W[, C]): ``fit.working_frames``' arithmetic."""
+    """(T, h, w, C) of the working frames for an input (T, H, W[, C]): ``burst.working_frames``' arithmetic."""
     if isinstance(working_size, bool) or not isinstance(working_size, numbers.Integral):
         raise TypeError(f"working_size must be an integer number of pixels (0: no limit), got {working_size!r}")
     working_size = int(working_size)
@@ -173,8 +177,8 @@ def working_shape(input_shape, working_size: int) -> tuple[int, int, int, int]:
 
 
 def _batch(config, h: int, w: int) -> int:
-    """Points per step: ``fit.fit_steps``' arithmetic (batch <= 0 means H * W // -batch)."""
-    batch = config.batch
+    """Points per step: ``train.fit_steps``' arithmetic (batch <= 0 means H * W // -batch)."""
+    batch = config.optimiser.batch
     if isinstance(batch, bool) or not isinstance(batch, numbers.Integral):
         raise TypeError(f"batch must be an integer number of pixels per step (or -k for H*W/k), got {batch!r}")
     batch = int(batch)
@@ -186,9 +190,6 @@ def _batch(config, h: int, w: int) -> int:
 
 def _meta_model(config, shape):
     """The fit's networks built on the meta device (shapes only), over an identity start's domain."""
-    from .fit import make_model
-    from .motion import Normaliser
-
     t, h, w, c = shape
     hx, hy = Normaliser(h, w).half_extent()
     m = IDENTITY_MARGIN
@@ -197,36 +198,12 @@ def _meta_model(config, shape):
         return make_model(config, (t, h, w, c), domain)
 
 
-def _module_point_floats(module) -> tuple[float, float]:
-    """(training, forward-only) float32 values per evaluated point of a field or per-point motion network.
-
-    Calibrated on CPU (262144 points, torch 2.x): grid field + homography 1330 B/point per training step
-    (estimate 1.9 kB), 660 B/point forward (0.9 kB); SIREN 256x4 + MLP homography 10.6 kB (12.6 kB) and 3.1 kB
-    (3.2 kB); SIREN field + SIREN flow 18.6 kB (24.8 kB); the occlusion preset's 256x5 pair 22.7 kB (31 kB)."""
-    from . import fields, motion as motion_models
-
-    if isinstance(module, fields.GridField):
-        feats = sum(int(g.shape[1]) for g in module.grids)
-        width = sum(lin.out_features for lin in module.mlp.modules() if isinstance(lin, torch.nn.Linear))
-        return 6.0 * feats + 3.0 * width, 2.5 * feats + 1.5 * width
-    if isinstance(module, motion_models.FlowMotion):
-        outs = sum(int(g.shape[1]) for g in module.grids)
-        base = _module_point_floats(module.base) if module.base is not None else (0.0, 0.0)
-        return 6.0 * outs + 10.0 + base[0], 2.5 * outs + 6.0 + base[1]
-    if isinstance(module, (motion_models.LieHomography, motion_models.MLPHomography)):
-        return 30.0, 20.0  # (N, 3, 3) float64 gathered matrices and float64 intermediates
-    widths = [lin.out_features for lin in module.modules() if isinstance(lin, torch.nn.Linear)]  # SIREN, MLPs
-    return 3.0 * sum(widths), 3.0 * max(widths, default=0)
-
-
 def fit_memory_breakdown(shape, config, *, input_shape=None) -> dict[str, int]:
     """The parts of :func:`estimate_fit_bytes` (see the module docstring) in bytes, for working frames of
     ``shape`` (T, h, w, C), a ``FitConfig`` and (optionally) the burst's ``input_shape`` (T, H, W[, C]).
 
     "scaling", "activations", "render", "resize" and "frames" are transients that never coexist: the
     estimate takes the largest of them."""
-    from .render import CHUNK
-
     t, h, w, c = (int(v) for v in shape)
     input_shape = (t, h, w, c) if input_shape is None else tuple(int(v) for v in input_shape)
     big_h, big_w = input_shape[1], input_shape[2]
@@ -235,8 +212,11 @@ def fit_memory_breakdown(shape, config, *, input_shape=None) -> dict[str, int]:
     model = _meta_model(config, (t, h, w, c))
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    per_point = [_module_point_floats(net) for net in (model.field, model.motion, getattr(model, "interference", None))
-                 if net is not None]  # a separation model adds its interference network
+    # every network evaluated per point; point_floats() calibrated on CPU, 262144 points, torch 2.x: grid field +
+    # homography 1330 B/point per training step (estimate 1.9 kB), 660 B/point forward (0.9 kB); SIREN 256x4 + MLP
+    # homography 10.6 kB (12.6 kB) and 3.1 kB (3.2 kB); SIREN field + SIREN flow 18.6 kB (24.8 kB); the occlusion
+    # preset's 256x5 pair 22.7 kB (31 kB)
+    per_point = [net.point_floats() for net in model.point_networks()]
     point_train = 4 * sum(p[0] for p in per_point) + 100 + 24 * c  # + indices, coordinates, the loss
     point_fwd = 4 * sum(p[1] for p in per_point) + 60 + 8 * c
     batch = _batch(config, h, w)
@@ -267,7 +247,7 @@ def _heap_factor(config, tensor_bytes: int) -> float:
     for the rest of the run (what is rendered afterwards comes on top). Measured over 60-150 CPU steps, after
     the one-time cost of a first fit: SIREN 256x4 with 4096 / 8192 / 16384 points (4-16 MiB tensors) 2.4x /
     2.7x / 2.7-3.0x the live bytes, with 32768 points (32 MiB, mmap-ed) 1.03x; the grid field 1.5x."""
-    if str(getattr(config, "device", "cpu")).startswith("cuda"):
+    if config.runtime.device.startswith("cuda"):
         return 1.0
     return HEAP_FRAGMENTATION if HEAP_BLOCK_MIN <= tensor_bytes < HEAP_BLOCK_LIMIT else 1.0
 
@@ -284,7 +264,7 @@ def estimate_fit_bytes(shape, config, *, input_shape=None) -> int:
     On a CUDA device (``config.device``) only what lives on the GPU is counted."""
     parts = fit_memory_breakdown(shape, config, input_shape=input_shape)
     transient = _TRANSIENT
-    if str(getattr(config, "device", "cpu")).startswith("cuda"):
+    if config.runtime.device.startswith("cuda"):
         t, h, w, c = (int(v) for v in shape)
         parts["data"] = t * h * w * c * 4  # the resized working copy stays on the host
         transient = tuple(k for k in _TRANSIENT if k not in _HOST_ONLY)
@@ -330,10 +310,9 @@ def check_fit_memory(shape, config, device, *, input_shape=None, available: int 
     if need <= have:
         return need
     t, h, w, c = (int(v) for v in shape)
-    from dataclasses import replace
 
     def need_at(size: int) -> int:
-        cfg = replace(config, working_size=size)
+        cfg = config.replace(working_size=size)
         return estimate_fit_bytes(working_shape(input_shape, size), cfg, input_shape=input_shape)
 
     longest = max(h, w)

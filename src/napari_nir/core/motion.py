@@ -18,26 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-
-class Normaliser:
-    """Pixel (col, row) <-> normalised (x, y) for an image of (height, width) pixels.
-
-    x = (col - (W - 1) / 2) / s, y = (row - (H - 1) / 2) / s, s = max(H, W) / 2.
-    """
-
-    def __init__(self, height: int, width: int):
-        self.height, self.width = height, width
-        self.s = max(height, width) / 2
-        self.cx, self.cy = (width - 1) / 2, (height - 1) / 2
-
-    @property
-    def matrix(self) -> np.ndarray:
-        """3x3: pixel (col, row, 1) -> normalised (x, y, 1)."""
-        return np.array([[1 / self.s, 0, -self.cx / self.s], [0, 1 / self.s, -self.cy / self.s], [0, 0, 1.0]])
-
-    def half_extent(self) -> tuple[float, float]:
-        """(x, y) half sizes of the frame in normalised units (to the outer pixel edges)."""
-        return self.width / 2 / self.s, self.height / 2 / self.s
+from .fields import Siren, coarse_to_fine, pyramid_shapes, sample_levels
+from .geometry import apply_homography, time_coordinate
 
 
 def _sl3_generators() -> torch.Tensor:
@@ -52,15 +34,6 @@ def _sl3_generators() -> torch.Tensor:
     g[6, 2, 0] = 1  # perspective x
     g[7, 2, 1] = 1  # perspective y
     return g
-
-
-def apply_homography(matrices: torch.Tensor, frame_index: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
-    """Apply per-point homographies: matrices (T, 3, 3), frame_index (N,), xy (N, 2) -> (N, 2)."""
-    m = matrices[frame_index].to(xy.dtype)
-    x, y = xy[:, 0:1], xy[:, 1:2]
-    num = m[:, :2, 0] * x + m[:, :2, 1] * y + m[:, :2, 2]
-    den = m[:, 2, 0:1] * x + m[:, 2, 1:2] * y + m[:, 2, 2:3]
-    return num / den
 
 
 class LieHomography(nn.Module):
@@ -83,6 +56,17 @@ class LieHomography(nn.Module):
 
     def forward(self, frame_index: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
         return apply_homography(self.matrices(), frame_index, xy)
+
+    def smoothness(self) -> None:
+        """None: a homography has no flow prior."""
+        return None
+
+    def set_progress(self, progress: float, ramp: float) -> None:
+        """No schedule: a homography has no levels to fade in."""
+
+    def point_floats(self) -> tuple[float, float]:
+        """(training, forward-only) floats per point: (N, 3, 3) float64 gathered matrices and intermediates."""
+        return 30.0, 20.0
 
 
 class MLPHomography(nn.Module):
@@ -112,6 +96,10 @@ class MLPHomography(nn.Module):
 
     def forward(self, frame_index: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
         return apply_homography(self.matrices(), frame_index, xy)
+
+    smoothness = LieHomography.smoothness
+    set_progress = LieHomography.set_progress
+    point_floats = LieHomography.point_floats
 
 
 def algebra_coefficients(matrices: np.ndarray) -> np.ndarray:
@@ -202,8 +190,6 @@ class FlowMotion(nn.Module):
     def __init__(self, n_frames: int, domain, *, levels: int = 4, coarsest: float = 2.0, finest: float = 16.0,
                  knots: int = 0, base: LieHomography | None = None, occlusion: bool = False):
         super().__init__()
-        import math
-
         self.n_frames = n_frames
         self.kind = "occlusion" if occlusion else "flow"
         self.base = base
@@ -212,13 +198,9 @@ class FlowMotion(nn.Module):
         xmin, xmax, ymin, ymax = domain
         self.register_buffer("lo", torch.tensor([xmin, ymin], dtype=torch.float32))
         self.register_buffer("span", torch.tensor([xmax - xmin, ymax - ymin], dtype=torch.float32))
-        growth = (finest / coarsest) ** (1 / max(levels - 1, 1))
         self.grids = nn.ParameterList()
         self.spacing = []  # (dx, dy) normalised units per cell, per level
-        for level in range(levels):
-            density = coarsest * growth**level
-            nx = max(2, int(math.ceil((xmax - xmin) * density)) + 1)
-            ny = max(2, int(math.ceil((ymax - ymin) * density)) + 1)
+        for nx, ny in pyramid_shapes(xmin, xmax, ymin, ymax, levels, coarsest, finest):
             self.grids.append(nn.Parameter(torch.zeros(1, self.outputs, self.knots, ny, nx)))
             self.spacing.append(((xmax - xmin) / (nx - 1), (ymax - ymin) / (ny - 1)))
         self.register_buffer("level_weights", torch.ones(levels))
@@ -228,26 +210,19 @@ class FlowMotion(nn.Module):
         self.register_buffer("displacement_on", torch.tensor(1.0), persistent=False)
 
     def set_progress(self, progress: float, ramp: float) -> None:
-        from .fields import GridField
-
-        GridField.set_progress(self, progress, ramp)  # same schedule as the canonical field
+        coarse_to_fine(self.level_weights, progress, ramp)  # same schedule as the canonical field
 
     @property
     def levels(self) -> int:
         return len(self.grids)
 
-    def time_coordinate(self, frame_index: torch.Tensor) -> torch.Tensor:
-        return frame_index.float() / max(self.n_frames - 1, 1) * 2 - 1
-
     def displacement(self, frame_index: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
         """(N, outputs) raw displacement (dx, dy[, w-logit]) at frame coordinates, gauge applied."""
-        from .fields import sample_levels
-
-        unit = torch.cat([(xy.float() - self.lo) / self.span * 2 - 1, self.time_coordinate(frame_index)[:, None]], 1)
+        t = time_coordinate(frame_index, self.n_frames)
+        unit = torch.cat([(xy.float() - self.lo) / self.span * 2 - 1, t[:, None]], 1)
         # the time gauge (no frame is the reference) is for (dx, dy) only: w's level is set by the occlusion
         # start (0 for the background), and removing its mean over time would push the background off 0
-        # wherever an object passes (occlusion sample, canonical on frame 0 vs the true background: 27.0 dB with
-        # w centred too, 29.3 dB without)
+        # wherever an object passes (benchmarks/DECISIONS.md, "occlusion")
         centred = [torch.cat([g[:, :2] - g[:, :2].mean(2, keepdim=True), g[:, 2:]], 1) for g in self.grids]
         total = sample_levels(centred, unit, self.level_weights)
         return total.view(len(xy), self.levels, self.outputs).sum(1)
@@ -282,6 +257,12 @@ class FlowMotion(nn.Module):
             return torch.eye(3, dtype=torch.float64, device=self.lo.device).expand(self.n_frames, 3, 3)
         return self.base.matrices()
 
+    def point_floats(self) -> tuple[float, float]:
+        """(training, forward-only) floats per point: the displacement grids' samples plus the base's."""
+        outs = sum(int(g.shape[1]) for g in self.grids)
+        base = self.base.point_floats() if self.base is not None else (0.0, 0.0)
+        return 6.0 * outs + 10.0 + base[0], 2.5 * outs + 6.0 + base[1]
+
 
 class SirenFlow(nn.Module):
     """The paper's flow networks: g(x, y, t) a SIREN 3 -> 2 (flow) or 3 -> 3 (occlusion: dx, dy, w).
@@ -293,8 +274,6 @@ class SirenFlow(nn.Module):
     def __init__(self, n_frames: int, *, occlusion: bool = False, width: int = 256, hidden_layers: int = 4,
                  omega0: float = 30.0, seed: int = 0):
         super().__init__()
-        from .fields import Siren
-
         self.n_frames = n_frames
         self.kind = "occlusion" if occlusion else "flow"
         self.outputs = 3 if occlusion else 2
@@ -302,11 +281,8 @@ class SirenFlow(nn.Module):
         self.generator = torch.Generator().manual_seed(seed + 7)
         self.w_gain = 1.0
 
-    def time_coordinate(self, frame_index: torch.Tensor) -> torch.Tensor:
-        return frame_index.float() / max(self.n_frames - 1, 1) * 2 - 1
-
     def displacement(self, frame_index: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([xy.float(), self.time_coordinate(frame_index)[:, None]], 1))
+        return self.net(torch.cat([xy.float(), time_coordinate(frame_index, self.n_frames)[:, None]], 1))
 
     def forward(self, frame_index: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
         d = self.displacement(frame_index, xy)
@@ -328,6 +304,12 @@ class SirenFlow(nn.Module):
 
     def matrices(self) -> torch.Tensor:
         return torch.eye(3, dtype=torch.float64, device=next(self.parameters()).device).expand(self.n_frames, 3, 3)
+
+    def set_progress(self, progress: float, ramp: float) -> None:
+        """No schedule: the paper has none."""
+
+    def point_floats(self) -> tuple[float, float]:
+        return self.net.point_floats()
 
 
 def layer_translations(residuals: np.ndarray, valid: np.ndarray, exclude_px: float = 3.0) -> tuple[np.ndarray, float]:

@@ -7,23 +7,24 @@ from __future__ import annotations
 
 import warnings
 
+from .._version import __version__
+from . import api
+from .config import FitConfig, options
+
 __all__ = ["fuse_kwargs_from_provenance", "separate_kwargs_from_provenance", "rerun"]
 
 _NAMED = ("motion", "preset", "steps", "seed", "device")  # fuse()'s own arguments; the rest are options
 
 
 def _parameters(prov) -> dict:
-    """The FitConfig fields of a provenance record, checked; value_range back to a tuple."""
-    from .._version import __version__
-    from .fit import FitConfig
-
+    """The options of a provenance record (flat names), checked; value_range back to a tuple."""
     if not isinstance(prov, dict) or not isinstance(prov.get("parameters"), dict):
         raise ValueError("not a napari-nir provenance record: expected a dict with a 'parameters' dict, as returned "
                          "by result.provenance()")
     if prov.get("software", "napari-nir") != "napari-nir":
         raise ValueError(f"provenance was written by {prov.get('software')!r}, not napari-nir")
     params = dict(prov["parameters"])
-    unknown = set(params) - set(FitConfig.__dataclass_fields__)
+    unknown = set(params) - set(options())
     if unknown:
         raise ValueError(f"provenance has parameter(s) this version does not know: {', '.join(sorted(unknown))} "
                          f"(written by napari-nir {prov.get('version')}, this is {__version__}); "
@@ -33,7 +34,7 @@ def _parameters(prov) -> dict:
                       "may not be bit-identical", stacklevel=3)
     if "value_range" in params:
         params["value_range"] = tuple(params["value_range"])
-    FitConfig(**params)  # every field accepted
+    FitConfig.from_dict(params).validate()  # every option accepted
     return params
 
 
@@ -44,7 +45,7 @@ def _split(params: dict) -> dict:
 
 def fuse_kwargs_from_provenance(prov: dict) -> dict:
     """Keyword arguments for ``napari_nir.fuse(burst, **kwargs)`` that repeat the fit recorded in ``prov``
-    (every FitConfig field: motion, preset, steps, seed, device and all options)."""
+    (every option: motion, preset, steps, seed, device and the rest)."""
     task = str(prov.get("task", "fuse")) if isinstance(prov, dict) else "fuse"
     params = _parameters(prov)
     if task != "fuse" or params.pop("task", ""):
@@ -65,8 +66,6 @@ def separate_kwargs_from_provenance(prov: dict) -> dict:
 def rerun(burst, prov: dict, **overrides):
     """Repeat the run recorded in ``prov`` on ``burst`` (fusion or separation); ``overrides`` (e.g. callback,
     device) replace recorded values."""
-    from . import api
-
     if str(prov.get("task", "fuse")).startswith("separate"):
         return api.separate(burst, **{**separate_kwargs_from_provenance(prov), **overrides})
     return api.fuse(burst, **{**fuse_kwargs_from_provenance(prov), **overrides})

@@ -10,7 +10,9 @@ import math
 import numpy as np
 import torch
 
-from .motion import Normaliser, apply_homography
+from .config import FitConfig
+from .geometry import Normaliser, apply_homography, frame_bounds, grid_shape, pixel_grid
+from .motions import get_motion
 
 CHUNK = 1 << 17  # points per forward pass when rendering
 
@@ -38,18 +40,6 @@ def render_points(model, frame_index: int | None, xy: np.ndarray | torch.Tensor,
     return torch.cat(out).numpy()
 
 
-def pixel_grid(height: int, width: int, norm: Normaliser, scale: float = 1.0) -> np.ndarray:
-    """(height*scale * width*scale, 2) normalised coordinates of a frame's pixel centres sampled ``scale`` x finer."""
-    rows = max(1, round(height * scale))
-    cols = max(1, round(width * scale))
-    c = (np.arange(cols) + 0.5) / (cols / width) - 0.5
-    r = (np.arange(rows) + 0.5) / (rows / height) - 0.5
-    x = (c - norm.cx) / norm.s
-    y = (r - norm.cy) / norm.s
-    xx, yy = np.meshgrid(x, y)
-    return np.stack([xx.ravel(), yy.ravel()], 1).astype(np.float32)
-
-
 def render_frame(model, t: int, height: int, width: int, value_range, device, scale: float = 1.0) -> np.ndarray:
     """Frame t's reconstruction at (height, width) pixels (times ``scale``): (h, w, C) float32 working units."""
     norm = Normaliser(height, width)
@@ -60,8 +50,6 @@ def render_frame(model, t: int, height: int, width: int, value_range, device, sc
 
 def union_bounds(matrices: np.ndarray, norm: Normaliser, domain) -> tuple[float, float, float, float]:
     """Normalised (xmin, xmax, ymin, ymax) covering every frame's outline, clipped to the field's domain."""
-    from .fit import frame_bounds
-
     xmin, xmax, ymin, ymax = frame_bounds(matrices, norm)
     dx0, dx1, dy0, dy1 = domain
     return max(xmin, dx0), min(xmax, dx1), max(ymin, dy0), min(ymax, dy1)
@@ -80,14 +68,9 @@ def canonical_grid(matrices: np.ndarray, norm: Normaliser, domain, extent: str, 
         return matrices[0] @ norm.matrix @ sub, (rows, cols)
     xmin, xmax, ymin, ymax = union_bounds(matrices, norm, domain)
     step = 1.0 / (norm.s * scale)  # normalised units per output pixel
-    rows, cols = _grid_shape(xmin, xmax, ymin, ymax, step)
+    rows, cols = grid_shape(xmin, xmax, ymin, ymax, step)
     to_norm = np.array([[step, 0, xmin + step / 2], [0, step, ymin + step / 2], [0, 0, 1.0]])
     return to_norm, (rows, cols)
-
-
-def _grid_shape(xmin: float, xmax: float, ymin: float, ymax: float, step: float) -> tuple[int, int]:
-    """(rows, cols) of a grid with ``step`` normalised units per pixel covering the box."""
-    return (max(1, int(math.ceil((ymax - ymin) / step - 1e-6))), max(1, int(math.ceil((xmax - xmin) / step - 1e-6))))
 
 
 def _check_size(rows: int, cols: int, scale: float, max_pixels: int) -> None:
@@ -130,12 +113,14 @@ def render_canonical(model, matrices: np.ndarray, norm: Normaliser, value_range,
 
 
 @torch.no_grad()
-def preview_canonical(model, config, device, max_side: int = 192) -> np.ndarray:
+def preview_canonical(model, config: FitConfig, device, max_side: int = 192) -> np.ndarray:
     """A small canonical view (union extent) in [0, 1] working units for live previews."""
     norm = model.normaliser
     scale = min(1.0, max_side / max(norm.height, norm.width))
-    if config.motion != "homography":
-        return render_canonical_flow(model, norm, config.value_range, device, extent="union", scale=scale)
+    motion = get_motion(config.motion.model)
+    if motion.alignment == "flow":
+        return render_canonical_flow(model, norm, config.value_range, device, depth=motion.depth, extent="union",
+                                     scale=scale)
     matrices = model.motion.matrices().detach().cpu().numpy()
     return render_canonical(model, matrices, norm, config.value_range, device, extent="union", scale=scale)
 
@@ -205,19 +190,19 @@ def flow_bounds(model, norm: Normaliser, device, frames=None) -> tuple[float, fl
 
 
 @torch.no_grad()
-def render_canonical_flow(model, norm: Normaliser, value_range, device, *, extent="union", scale=1.0, fill=0.0,
-                          w: float | None = None, max_pixels=1 << 26) -> np.ndarray:
+def render_canonical_flow(model, norm: Normaliser, value_range, device, *, depth: bool = False, extent="union",
+                          scale=1.0, fill=0.0, w: float | None = None, max_pixels=1 << 26) -> np.ndarray:
     """Canonical view (rows, cols, C) of a flow / occlusion model, working units, axis-aligned canonical grid.
 
+    depth: the motion maps to (x, y, w) (the motion table's ``depth``: occlusion).
     extent "union": all frames' mapped outlines; "first": frame 0's. w (occlusion model): the depth slice
     to render, in [-1, 1]; None: the burst's dominant w (its median over all frames), i.e. the background.
     """
     xmin, xmax, ymin, ymax = flow_bounds(model, norm, device, None if extent == "union" else [0])
     step = 1.0 / (norm.s * scale)
-    rows, cols = _grid_shape(xmin, xmax, ymin, ymax, step)
+    rows, cols = grid_shape(xmin, xmax, ymin, ymax, step)
     _check_size(rows, cols, scale, max_pixels)
-    occlusion = getattr(model.motion, "outputs", 2) == 3
-    if occlusion and w is None:
+    if depth and w is None:
         w = dominant_w(model, norm, device)
     hx, hy = norm.half_extent()
     band = max(1, CHUNK // cols)
@@ -228,7 +213,7 @@ def render_canonical_flow(model, norm: Normaliser, value_range, device, *, exten
         ys = ymin + step / 2 + step * np.arange(r0, r1)
         xx, yy = np.meshgrid(xs, ys)
         p = torch.as_tensor(np.stack([xx.ravel(), yy.ravel()], 1), dtype=torch.float32)
-        q = torch.cat([p, torch.full((len(p), 1), float(w))], 1) if occlusion else p
+        q = torch.cat([p, torch.full((len(p), 1), float(w))], 1) if depth else p
         values = render_points(model, None, q, value_range, device)
         covered = np.zeros(len(p), dtype=bool)
         for t in range(model.motion.n_frames):
@@ -258,7 +243,7 @@ def flow_to_rgb(flow: np.ndarray, max_magnitude: float | None = None) -> np.ndar
     Hue is the direction (right = red, down = yellow-green, left = cyan, up = purple), saturation the
     magnitude relative to ``max_magnitude`` (default: the largest in the field); zero flow is white.
     """
-    from skimage.color import hsv2rgb
+    from skimage.color import hsv2rgb  # here: scikit-image's import is slow
 
     d_row, d_col = np.asarray(flow[..., 0], np.float64), np.asarray(flow[..., 1], np.float64)
     magnitude = np.hypot(d_row, d_col)

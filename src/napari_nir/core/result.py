@@ -9,15 +9,22 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from .._version import __version__
 from . import render
+from .build import make_model
 from .burst import Burst
-from .fit import FitConfig, make_model
-from .motion import Normaliser
+from .config import FitConfig
+from .geometry import Normaliser, apply_homography, frame_corners, pixel_grid
+from .motions import get_motion
+from .tasks import get_task
+from .train import resolve_device
 
 FORMAT = "napari-nir-result"
 FORMAT_VERSION = 1
@@ -45,7 +52,24 @@ class FusionResult:
     # -- geometry ---------------------------------------------------------------------------------
     @property
     def motion(self) -> str:
-        return self.config.motion
+        """The motion model's name (an entry of ``core.motions.MOTIONS``)."""
+        return self.config.motion.model
+
+    # -- the input, for adapters ----------------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The burst's shape: (T, H, W) or (T, H, W, C)."""
+        return self._burst.shape
+
+    @property
+    def input_layout(self) -> str:
+        """"THW" (grey, no channel axis) or "THWC"."""
+        return self._burst.layout
+
+    @property
+    def channels(self) -> int:
+        """Channels of the burst (1 for "THW")."""
+        return self._burst.C
 
     def _normalised_matrices(self) -> np.ndarray:
         with torch.no_grad():
@@ -59,7 +83,9 @@ class FusionResult:
 
     @property
     def is_flow(self) -> bool:
-        return self.motion in ("flow", "occlusion")
+        """True when the motion reports per-pixel flow (``flow()``), False for homographies (the motion table's
+        ``alignment``)."""
+        return get_motion(self.motion).alignment == "flow"
 
     @property
     def homographies(self) -> np.ndarray | None:
@@ -80,16 +106,22 @@ class FusionResult:
         m = np.linalg.inv(h[s]) @ h[t]
         return m / m[2, 2]
 
+    def homographies_to(self, extent: str = "union", scale: float = 1.0) -> np.ndarray:
+        """(T, 3, 3) float64: frame-t pixel (col, row, 1) -> pixel of ``canonical(extent, scale)`` (homography
+        motion; ``homographies`` is the union view at scale 1)."""
+        if self.is_flow:
+            raise ValueError(f"homographies_to is for homography motion; this result used {self.motion!r}: use flow()")
+        to_view = np.linalg.inv(self.canonical_transform(extent, scale))
+        h = np.einsum("ij,tjk,kl->til", to_view, self._normalised_matrices(), self._input_norm.matrix)
+        return h / h[:, 2:3, 2:3]
+
     def outlines(self, extent: str = "union", scale: float = 1.0) -> np.ndarray:
         """(T, 4, 2) every frame's corners as (row, col) pixels of ``canonical(extent, scale)`` (napari order).
         Homography model only."""
         if self.is_flow:
             raise ValueError("outlines() is for motion='homography'; for flow models use flow()")
         to_out = np.linalg.inv(self.canonical_transform(extent, scale))
-        n = self._input_norm
-        hx, hy = n.half_extent()
-        corners = np.array([[-hx, -hy, 1], [hx, -hy, 1], [hx, hy, 1], [-hx, hy, 1]]).T
-        pts = np.einsum("ij,tjk,kl->til", to_out, self._normalised_matrices(), corners)
+        pts = np.einsum("ij,tjk,kl->til", to_out, self._normalised_matrices(), frame_corners(self._input_norm))
         pts = pts[:, :2] / pts[:, 2:3]
         return np.stack([pts[:, 1], pts[:, 0]], -1)
 
@@ -118,7 +150,8 @@ class FusionResult:
         _check_dtype(dtype)
         if self.is_flow:
             view = render.render_canonical_flow(self._model, self._input_norm, self.config.value_range,
-                                                self._device, extent=extent, scale=scale, w=w)
+                                                self._device, depth=get_motion(self.motion).depth, extent=extent,
+                                                scale=scale, w=w)
             return self._burst.restore(view, dtype=dtype)
         view = render.render_canonical(self._model, self._normalised_matrices(), self._input_norm,
                                        self.config.value_range, self._device, extent=extent, scale=scale)
@@ -130,7 +163,7 @@ class FusionResult:
                              f"motion={self.motion!r}: use .homographies")
 
     def _frame_points(self) -> torch.Tensor:
-        return torch.as_tensor(render.pixel_grid(self._burst.H, self._burst.W, self._input_norm))
+        return torch.as_tensor(pixel_grid(self._burst.H, self._burst.W, self._input_norm))
 
     def flow(self) -> np.ndarray:
         """(T, H, W, 2) float32 displacement (d_row, d_col) in pixels, frame -> canonical.
@@ -158,7 +191,7 @@ class FusionResult:
         # start Newton at x moved by the homography parts: the right preimage where a flow folds
         m = self._model.motion.matrices().detach().cpu()
         rel = (torch.linalg.inv(m[int(s)]) @ m[int(t)])[None]
-        start = render.apply_homography(rel, torch.zeros(len(xy), dtype=torch.long), xy.double())
+        start = apply_homography(rel, torch.zeros(len(xy), dtype=torch.long), xy.double())
         x_s = render.unwarp_points(self._model, int(s), p, self._device, start=start)
         d = (x_s - xy).numpy() * self._input_norm.s
         return d[:, ::-1].reshape(b.H, b.W, 2).astype(np.float32)
@@ -183,11 +216,32 @@ class FusionResult:
     def occlusion_w(self) -> np.ndarray:
         """(T, H, W) float32 in [-1, 1]: the occlusion coordinate w of every frame's pixels (motion="occlusion");
         pixels of a moving object get a different w from the background they hide."""
-        if self.motion != "occlusion":
+        if not get_motion(self.motion).depth:
             raise ValueError(f"occlusion_w() needs motion='occlusion'; this result used {self.motion!r}")
         b, xy = self._burst, self._frame_points()
         return np.stack([render.warp_points(self._model, t, xy, self._device)[:, 2].numpy().reshape(b.H, b.W)
                          for t in range(b.T)]).astype(np.float32)
+
+    # -- every output, as one list -----------------------------------------------------------------
+    def artefacts(self, extent: str = "union", scale: float = 1.0, roles=None) -> list[Artefact]:
+        """Every output of this result, in display order (see ``ARTEFACTS``): what the CLI writes, the napari
+        layers show and the npe2 writer records. ``extent``, ``scale``: the canonical view's (and the
+        alignment drawn on it); roles: only these (default: all that apply). Data are computed here."""
+        extent, scale = _check_extent(extent), _check_scale(scale)
+        cache: dict = {}
+        out = []
+        for spec in ARTEFACTS.values():
+            if (roles is not None and spec.role not in roles) or not spec.applies(self.config):
+                continue
+            made = spec.make(self, _View(extent, scale, cache))
+            if made is None:
+                continue
+            data, extra = made if isinstance(made, tuple) else (made, {})
+            separating = bool(self.config.task)
+            visible = spec.visible if not separating or spec.visible_separating is None else spec.visible_separating
+            channels = spec.axes.endswith("[C]") and self.input_layout == "THWC" or spec.axes.endswith("2")
+            out.append(Artefact(spec, data, channels, {"convention": spec.description, **extra}, visible))
+        return out
 
     # -- provenance and files ---------------------------------------------------------------------
     def provenance(self) -> dict:
@@ -275,7 +329,7 @@ class SeparationResult(FusionResult):
         if self.interference_homographies is None:
             return None
         b = self._burst
-        xy = torch.as_tensor(render.pixel_grid(b.H, b.W, self._input_norm))
+        xy = torch.as_tensor(pixel_grid(b.H, b.W, self._input_norm))
         out = np.empty((b.H * b.W, b.C), dtype=np.float32)
         with torch.no_grad():
             for start in range(0, len(xy), render.CHUNK):
@@ -291,7 +345,7 @@ class SeparationResult(FusionResult):
         for integer dtypes; ask for dtype="float32" to keep them).
         """
         b = self._burst
-        xy = torch.as_tensor(render.pixel_grid(b.H, b.W, self._input_norm))
+        xy = torch.as_tensor(pixel_grid(b.H, b.W, self._input_norm))
         scene = np.empty((b.T, b.H, b.W, b.C), dtype=np.float32)
         interference = np.empty_like(scene)
         alpha = np.empty((b.T, b.H, b.W), dtype=np.float32) if "alpha" in self._model.task.layers else None
@@ -315,7 +369,7 @@ class SeparationResult(FusionResult):
     def provenance(self) -> dict:
         prov = super().provenance()
         prov["task"] = f"separate:{self.task}"
-        if self.config.interference_motion != "none":
+        if self.config.separation.interference_motion != "none":
             prov["rigid_layer"] = self.rigid_layer()
         return prov
 
@@ -324,7 +378,7 @@ class SeparationResult(FusionResult):
         own (``interference_motion``), and the residuals' correlation score it was decided on (None if the
         run stopped before its warm-up ended)."""
         model = self._model
-        score = float(getattr(model, "rigid_score", float("nan")))
+        score = model.rigid_layer_score()
         return {"found": self.interference_homographies is not None,
                 "score": None if not np.isfinite(score) else round(score, 4)}
 
@@ -355,8 +409,6 @@ def _check_scale(scale: float) -> float:
 
 def load(path: str | os.PathLike, *, device: str = "cpu") -> FusionResult:
     """Read a result written by ``save``. Never unpickles; a damaged or foreign file raises ValueError."""
-    from .fit import resolve_device
-
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such result file: {path}")
@@ -375,9 +427,7 @@ def load(path: str | os.PathLike, *, device: str = "cpu") -> FusionResult:
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported format {meta.get('format')!r} version {meta.get('format_version')!r}")
     try:
-        cfg = dict(meta["config"])
-        cfg["value_range"] = tuple(cfg["value_range"])
-        config = FitConfig(**cfg)
+        config = FitConfig.from_dict(meta["config"])
         b = meta["burst"]
         dev = resolve_device(device)
         model = make_model(config, tuple(meta["working_shape"]), meta["domain"])
@@ -393,3 +443,197 @@ def load(path: str | os.PathLike, *, device: str = "cpu") -> FusionResult:
     return kind(model.to(dev), burst, config, meta.get("history", []), dev,
                         final_psnr=meta.get("final_psnr"), seconds=meta.get("seconds"),
                         completed=meta.get("completed", True))
+
+
+# -- the artefact table ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArtefactSpec:
+    """One kind of output.
+
+    role: its name (napari layer "<source> <role>", provenance "output").
+    kind: "image" (an array: TIFF, napari image), "matrices" (a JSON record of (T, 3, 3) matrices),
+        "polygons" (T polygons of 4 (row, col) corners on the canonical view), "vectors" ((N, 2, 3) napari
+        vectors: start and direction in (t, row, col) pixels), "colour images" ((T, H, W, 3) uint8 shown side
+        by side), "record" (a JSON-able dict).
+    axes: of an image's data ("YX[C]", "TYX[C]", "TYX", "TYX2"; "[C]": the burst's channels when it has them).
+    description: its convention (units, axes, what maps to what), stored with it.
+    file: the file the CLI writes (None: napari only); layer: the napari layer type (None: files only).
+    visible: shown when added to napari (``visible_separating``: for a separation result, None: the same).
+    display: display hints for viewers (colormap, contrast_limits).
+    applies(config): whether a result of this config has it (known before fitting: the CLI checks its files).
+    make(result, view) -> data, (data, extra provenance) or None (this result has none).
+    """
+
+    role: str
+    kind: Literal["image", "matrices", "polygons", "vectors", "colour images", "record"]
+    axes: str
+    description: str
+    file: str | None
+    layer: str | None
+    make: Callable[[Any, Any], Any]
+    applies: Callable[[FitConfig], bool] = lambda config: True
+    visible: bool = False
+    visible_separating: bool | None = None
+    display: dict = field(default_factory=dict)
+
+
+@dataclass
+class Artefact:
+    """One output of one result: its ``spec``, ``data``, whether the last axis of ``data`` is channels
+    (``channels``), extra provenance (``metadata``: its convention and view) and its visibility."""
+
+    spec: ArtefactSpec
+    data: Any
+    channels: bool
+    metadata: dict
+    visible: bool
+
+    @property
+    def role(self) -> str:
+        return self.spec.role
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def file(self) -> str | None:
+        return self.spec.file
+
+    @property
+    def layer(self) -> str | None:
+        return self.spec.layer
+
+
+@dataclass
+class _View:
+    extent: str
+    scale: float
+    cache: dict
+
+
+def _motion_has(role: str) -> Callable[[FitConfig], bool]:
+    return lambda config: role in get_motion(config.motion.model).artefacts
+
+
+def _task_has(role: str) -> Callable[[FitConfig], bool]:
+    return lambda config: bool(config.task) and role in get_task(config.task).layers
+
+
+def _rigid_layer(config: FitConfig) -> bool:
+    return bool(config.task) and config.separation.interference_motion != "none"
+
+
+def _cached(view: _View, key: str, make: Callable[[], Any]):
+    if key not in view.cache:
+        view.cache[key] = make()
+    return view.cache[key]
+
+
+def _canonical(result, view: _View):
+    data = _cached(view, "canonical", lambda: result.canonical(view.extent, view.scale))
+    return data, {"extent": view.extent, "scale": view.scale, "shape": list(np.shape(data))}
+
+
+def _homographies(result, view: _View):
+    record = {"convention": HOMOGRAPHY_CONVENTION,
+              "canonical": {"file": "canonical.tif", "extent": view.extent, "scale": view.scale},
+              "homographies": result.homographies_to(view.extent, view.scale).tolist()}
+    return record
+
+
+def _flow(result, view: _View) -> np.ndarray:
+    return _cached(view, "flow", lambda: np.asarray(result.flow(), dtype=np.float32))
+
+
+def _flow_colour(result, view: _View) -> np.ndarray:
+    flow = _flow(result, view)
+    return np.stack([render.flow_to_rgb(f, max_magnitude=np.abs(flow).max() + 1e-6) for f in flow])
+
+
+def _flow_vectors(result, view: _View):
+    flow = _flow(result, view)
+    t, h, w, _ = flow.shape
+    step = max(4, min(h, w) // 24)
+    rows, cols = np.mgrid[step // 2:h:step, step // 2:w:step]
+    vectors = []
+    for k in range(t):
+        d = flow[k, rows, cols]
+        start = np.stack([np.full(rows.size, k), rows.ravel(), cols.ravel()], 1)
+        direction = np.concatenate([np.zeros((rows.size, 1)), d.reshape(-1, 2)], 1)
+        vectors.append(np.stack([start, direction], 1))
+    return np.concatenate(vectors).astype(np.float32), {"step": step}
+
+
+def _separated(result, view: _View, name: str):
+    return _cached(view, "layers", result.layers)[name]
+
+
+def _interference_homographies(result, view: _View):
+    matrices = result.interference_homographies
+    return {"convention": INTERFERENCE_HOMOGRAPHY_CONVENTION, **result.rigid_layer(),
+            "homographies": None if matrices is None else matrices.tolist()}
+
+
+HOMOGRAPHY_CONVENTION = (
+    "homographies[t] is a 3x3 matrix mapping a pixel (col, row, 1) of input frame t to the pixel (col, row, w) of "
+    "the canonical view described under 'canonical' (divide by w); pixel centres are at integer coordinates, "
+    "(0, 0) is the centre of the top-left pixel; frame t -> frame s is inv(H[s]) @ H[t]")
+INTERFERENCE_HOMOGRAPHY_CONVENTION = (
+    "the interference's rigid layer (a reflection), if 'found': homographies[t] maps a pixel (col, row, 1) of input "
+    "frame t to the pixel (col, row, w) of that layer's own frame-sized view (divide by w); frame t -> frame s is "
+    "inv(H[s]) @ H[t]; 'score' is how far the residuals' correlation peak stood out, in standard deviations "
+    "(>= rigid_layer_score, 10 by default: found)")
+OCCLUSION_W_CONVENTION = ("(T, H, W) float32 in [-1, 1]: each frame pixel's depth coordinate w in the occlusion "
+                          "model's 3-D canonical; the background sits at 0, moving objects elsewhere")
+FLOW_CONVENTION = ("(T, H, W, 2) float32: the displacement (d_row, d_col) in pixels from each frame pixel to the "
+                   "canonical view")
+
+ARTEFACTS: dict[str, ArtefactSpec] = {
+    spec.role: spec
+    for spec in (
+        # a separation result's own layers first: they are what its user came for
+        ArtefactSpec("scene", "image", "TYX[C]", "the scene layer of every frame, in the burst's units and dtype",
+                     "scene.tif", "image", lambda r, v: _separated(r, v, "scene"), _task_has("scene"), visible=True),
+        ArtefactSpec("interference", "image", "TYX[C]",
+                     "the interference layer of every frame (additive tasks: its contribution on black)",
+                     "interference.tif", "image", lambda r, v: _separated(r, v, "interference"),
+                     _task_has("interference")),
+        ArtefactSpec("alpha", "image", "TYX", "the interference's opacity in [0, 1] per frame pixel (float32)",
+                     "alpha.tif", "image", lambda r, v: _separated(r, v, "alpha"), _task_has("alpha")),
+        ArtefactSpec("interference canonical", "image", "YX[C]",
+                     "the interference's rigid layer (a reflection) fused over the burst, on the frame-sized grid "
+                     "of interference_homographies", "interference_canonical.tif", "image",
+                     lambda r, v: r.interference_canonical(), _rigid_layer),
+        ArtefactSpec("interference homographies", "matrices", "T33", INTERFERENCE_HOMOGRAPHY_CONVENTION,
+                     "interference_homographies.json", None, _interference_homographies, _rigid_layer),
+        # fusion (for a separation: its scene stream)
+        ArtefactSpec("canonical", "image", "YX[C]", "the fused view in the burst's units and dtype",
+                     "canonical.tif", "image", _canonical, visible=True),
+        ArtefactSpec("frames", "image", "TYX[C]", "every frame re-rendered from the fit (the separation's "
+                     "recomposed input)", "frames.tif", "image", lambda r, v: r.frames()),
+        ArtefactSpec("homographies", "matrices", "T33", HOMOGRAPHY_CONVENTION, "homographies.json", None,
+                     _homographies, _motion_has("homographies")),
+        ArtefactSpec("outlines", "polygons", "T42", "every frame's corners as (row, col) pixels of the canonical view",
+                     None, "shapes", lambda r, v: r.outlines(v.extent, v.scale), _motion_has("outlines"),
+                     visible=True, visible_separating=False),
+        ArtefactSpec("flow", "image", "TYX2", FLOW_CONVENTION, "flow.tif", None, _flow, _motion_has("flow")),
+        ArtefactSpec("flow colour", "colour images", "TYX3", "the flow colour-coded (hue: direction, saturation: "
+                     "magnitude), one frame after another", "flow.png", None, _flow_colour,
+                     _motion_has("flow colour")),
+        ArtefactSpec("flow vectors", "vectors", "N23", "arrows from frame pixels to where they land in the canonical "
+                     "view, (t, row, col) pixels", None, "vectors", _flow_vectors, _motion_has("flow vectors"),
+                     visible=True, visible_separating=False, display={"edge_color": "yellow"}),
+        ArtefactSpec("flow magnitude", "image", "TYX", "|flow| in pixels per frame pixel", None, "image",
+                     lambda r, v: np.hypot(_flow(r, v)[..., 0], _flow(r, v)[..., 1]).astype(np.float32),
+                     _motion_has("flow magnitude"), display={"colormap": "magma"}),
+        ArtefactSpec("occlusion w", "image", "TYX", OCCLUSION_W_CONVENTION, "occlusion_w.tif", "image",
+                     lambda r, v: r.occlusion_w(), _motion_has("occlusion w"),
+                     display={"colormap": "twilight_shifted", "contrast_limits": (-1.0, 1.0)}),
+    )
+}
+
+
+def artefact_files(config: FitConfig) -> list[str]:
+    """The files a result of ``config`` may have (known before fitting): the CLI refuses to clobber them."""
+    return [spec.file for spec in ARTEFACTS.values() if spec.file and spec.applies(config)]

@@ -1,6 +1,10 @@
-"""Layer separation: a scene stream that follows a motion model plus an interference stream f2(x, t).
+"""The models a fit optimises: ``FusionModel`` (fusion) and ``SeparationModel`` (layer separation).
 
-How we keep one stream from swallowing everything (the known failure of two-stream training):
+Both offer the training loop's interface (``train.fit_steps``): ``forward(frame_index (N,), xy (N, 2)) -> (N, C)``
+predicted pixels, ``stages(config)``, ``parameter_groups(config)``, ``set_progress(progress, config)`` and
+``regulariser(config, generator)``. Which networks they hold is decided in ``build.py``.
+
+Layer separation: how we keep one stream from swallowing everything (the known failure of two-stream training):
 
 * the scene starts alone: for the first ``scene_warmup`` of the run only f1 is fitted, with an L1 loss,
   i.e. a robust fusion of the burst (the interference behaves as outliers), so the scene is initialised
@@ -21,10 +25,76 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import fields
-from .fit import FitConfig, FusionModel
-from .motion import LieHomography
-from .tasks import Task, get_task
+from .config import FitConfig
+from .geometry import Normaliser, pixel_grid, time_coordinate
+from .motion import LieHomography, algebra_coefficients, centre_gauge, layer_translations
+from .stages import Stage
+from .tasks import Task
+
+
+class FusionModel(nn.Module):
+    """I_t(x) = gain_t * f(W_t(x)) + bias_t: canonical field, motion, optional per-frame exposure.
+
+    Coordinates are normalised (see geometry.Normaliser). The exposure (per frame and channel) absorbs
+    brightness changes between real frames; its gauge is fixed like the motion's (mean log-gain 0, mean
+    bias 0), so the canonical view has the burst's average exposure.
+    """
+
+    def __init__(self, field_net: nn.Module, motion_net: nn.Module, normaliser: Normaliser,
+                 domain: tuple[float, float, float, float], n_frames: int, channels: int, exposure: bool, *,
+                 stages: list[Stage] | None = None):
+        super().__init__()
+        self.field = field_net
+        self.motion = motion_net
+        self.normaliser = normaliser
+        self.domain = domain
+        self.exposure = exposure
+        self.run_stages = stages or [Stage("fit")]
+        self.feature_started = False  # set by build when the motion starts from feature matches
+        # set by build: fine levels fade in over coarse_to_fine_featured instead of coarse_to_fine
+        self.fast_ramp = False
+        if exposure:
+            self.log_gain = nn.Parameter(torch.zeros(n_frames, channels))
+            self.bias = nn.Parameter(torch.zeros(n_frames, channels))
+
+    def forward(self, frame_index: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+        values = self.field(self.motion(frame_index, xy).float())
+        if self.exposure:
+            log_gain = self.log_gain - self.log_gain.mean(0, keepdim=True)
+            bias = self.bias - self.bias.mean(0, keepdim=True)
+            values = values * torch.exp(log_gain[frame_index]) + bias[frame_index]
+        return values
+
+    def point_networks(self) -> list[nn.Module]:
+        """The networks evaluated at every point of a training step (memory estimate: ``point_floats()``)."""
+        return [self.field, self.motion]
+
+    def motion_parameters(self) -> list[nn.Parameter]:
+        extra = [self.log_gain, self.bias] if self.exposure else []
+        return list(self.motion.parameters()) + extra
+
+    # -- the training loop's interface (a separation model provides the same five) -------------------
+    def stages(self, config: FitConfig) -> list[Stage]:
+        """The run's stages (see stages.py), as build gave them."""
+        return list(self.run_stages)
+
+    def parameter_groups(self, config: FitConfig) -> list[dict]:
+        """Adam groups; the group named "motion" is frozen during ``motion_warmup``."""
+        return self.field.param_groups(config.optimiser.lr_field) + [
+            {"params": self.motion_parameters(), "lr": config.optimiser.lr_motion, "name": "motion"}]
+
+    def set_progress(self, progress: float, config: FitConfig) -> None:
+        """Coarse-to-fine schedules of the field and (flow models) the displacement grid."""
+        o = config.optimiser
+        ramp = o.coarse_to_fine_featured if self.fast_ramp else o.coarse_to_fine
+        self.field.set_progress(progress, ramp)
+        self.motion.set_progress(progress, ramp)
+
+    def regulariser(self, config: FitConfig, generator: torch.Generator) -> torch.Tensor | float:
+        """The flow prior (mean |Jacobian| of g), zero for homographies."""
+        weight = config.motion.flow_smoothness
+        smoothness = self.motion.smoothness() if weight > 0 else None
+        return 0.0 if smoothness is None else weight * smoothness
 
 
 class SeparationModel(nn.Module):
@@ -80,10 +150,14 @@ class SeparationModel(nn.Module):
     def normaliser(self):
         return self.scene.normaliser
 
+    def point_networks(self) -> list[nn.Module]:
+        """The scene's networks and the interference (a rigid layer is sampled in place of points' own)."""
+        return self.scene.point_networks() + [self.interference]
+
     def interference_parts(self, frame_index: torch.Tensor, xy: torch.Tensor):
         """(raw, rigid_raw): the interference's raw outputs (N, K), and those of the rigid layer alone (with
         the free part at its start value) when both parts are on, else None."""
-        t = frame_index.float() / max(self.n_frames - 1, 1) * 2 - 1
+        t = time_coordinate(frame_index, self.n_frames)
         if self.moving_layer is None:
             return self.interference(torch.cat([xy.float(), t[:, None]], 1)), None
         if float(self.free_on) > 0:
@@ -104,6 +178,10 @@ class SeparationModel(nn.Module):
         raw = self.moving_layer(xy.float()) + self.free_init
         zeros = torch.zeros(len(xy), self.channels, device=xy.device)
         return self.task.compose(zeros, raw)[1]["interference"]
+
+    def rigid_layer_score(self) -> float:
+        """The residuals' correlation score the rigid layer was decided on (NaN: no rigid layer, or not yet)."""
+        return float(self.rigid_score) if self.moving_layer is not None else float("nan")
 
     def interference_homographies(self) -> np.ndarray | None:
         """(T, 3, 3) float64 normalised frame -> interference-layer homographies K_t, or None when the
@@ -135,48 +213,51 @@ class SeparationModel(nn.Module):
     # -- fit_steps hooks ---------------------------------------------------------------------------
     def parameter_groups(self, config: FitConfig) -> list[dict]:
         groups = self.scene.parameter_groups(config) + [
-            {"params": list(self.interference.parameters()), "lr": config.lr_field, "name": "interference"}]
+            {"params": list(self.interference.parameters()), "lr": config.optimiser.lr_field, "name": "interference"}]
         if self.moving_layer is not None:
-            groups += [{"params": list(self.moving_layer.parameters()), "lr": config.lr_field, "name": "rigid layer"},
-                       {"params": list(self.moving_motion.parameters()), "lr": config.lr_motion,
+            o = config.optimiser
+            groups += [{"params": list(self.moving_layer.parameters()), "lr": o.lr_field, "name": "rigid layer"},
+                       {"params": list(self.moving_motion.parameters()), "lr": o.lr_motion,
                         "name": "rigid layer motion"}]
         return groups
 
+    def stages(self, config: FitConfig) -> list[Stage]:
+        """"scene warm-up" (the scene alone; a Cauchy data term when ``warmup_cauchy`` and the scene's motion
+        started from feature matches: a redescending loss needs a start within its basin), then "separation",
+        which starts the rigid interference layer when the model has one."""
+        s = config.separation
+        lo, hi = config.value_range
+        cauchy = s.warmup_cauchy * (hi - lo) if self.scene.feature_started else 0.0
+        start = self.start_interference_motion if self.moving_layer is not None else None
+        warmup = [Stage("scene warm-up", 0.0, cauchy=cauchy)] if s.scene_warmup > 0 else []
+        return warmup + [Stage("separation", s.scene_warmup, enter=start)]
+
     def set_progress(self, progress: float, config: FitConfig) -> None:
+        s, ramp = config.separation, config.optimiser.coarse_to_fine
         self.scene.set_progress(progress, config)
-        if hasattr(self.interference, "set_progress"):
-            self.interference.set_progress(progress, config.coarse_to_fine)
+        self.interference.set_progress(progress, ramp)
         if self.moving_layer is not None:
             # the rigid layer starts coarse when it starts, at the warm-up's end
-            own = max(0.0, progress - config.scene_warmup) / max(1e-6, 1 - config.scene_warmup)
-            self.moving_layer.set_progress(own, config.coarse_to_fine)
+            own = max(0.0, progress - s.scene_warmup) / max(1e-6, 1 - s.scene_warmup)
+            self.moving_layer.set_progress(own, ramp)
             if float(self.rigid_on) > 0:
-                self.free_on.fill_(1.0 if progress >= config.interference_free_start else 0.0)
-        self.interference_on.fill_(1.0 if progress >= config.scene_warmup else 0.0)
+                self.free_on.fill_(1.0 if progress >= s.interference_free_start else 0.0)
+        self.interference_on.fill_(1.0 if progress >= s.scene_warmup else 0.0)
 
-    @property
-    def starts_interference_motion(self) -> bool:
-        """True when a rigid interference layer may start at the warm-up's end (fit_steps calls
-        ``start_interference_motion`` then)."""
-        return self.moving_layer is not None
-
-    def start_interference_motion(self, data: torch.Tensor, shape, config: FitConfig, max_side: int = 512) -> dict:
+    def start_interference_motion(self, model, data: torch.Tensor, shape, config: FitConfig,
+                                  generator: torch.Generator, progress: float, max_side: int = 512) -> dict:
         """End of the scene warm-up: decide whether the interference holds a rigidly moving layer and, if so,
         start its homographies from the residuals. Returns {"score", "rigid", "shifts" (T, 2) working px}.
 
         The residuals (data minus the scene alone) are warped into the scene's canonical coordinates, where
         whatever the scene holds is aligned across frames; a rigid interference then moves between them by
         shifts that ``motion.layer_translations`` finds by phase correlation, with a score (how many standard
-        deviations the correlation peak stands out, median over pairs of frames). Measured at the warm-up's end:
-        a rigid reflection 17.5-25.5 (the 5 x 256^2 sample, seeds 0-2), 7.2-14.1 on 3-5 frames of 64-96 px;
-        no rigid layer: reflection_effendy (people walking past a shop window) 6.9, rain streaks 5.6-8.3 (all
-        parallel, so they correlate a little along their slant). K_t = shift_t @ M_t (M_t: the scene's
+        deviations the correlation peak stands out, median over pairs of frames; the scores that set the threshold
+        are in benchmarks/DECISIONS.md, "reflection"). K_t = shift_t @ M_t (M_t: the scene's
         frame -> canonical homography), gauge-centred; rotation, zoom and perspective are left to the fit.
+        Called as the "separation" stage's ``enter`` (``model`` is this model; generator and progress unused).
         data: (T*h*w, C) working frames as fit_steps holds them; shape (T, h, w, C).
         """
-        from .motion import algebra_coefficients, centre_gauge, layer_translations
-        from .render import pixel_grid
-
         t, h, w, c = shape
         norm = self.normaliser
         device = data.device
@@ -204,7 +285,7 @@ class SeparationModel(nn.Module):
         else:
             shifts, score = layer_translations(torch.stack(warped).cpu().numpy().astype(np.float64), valid_np)
         shifts = shifts * np.array([w / cols, h / rows])  # working pixels (x, y)
-        rigid = config.interference_motion == "homography" or score >= config.rigid_layer_score
+        rigid = config.separation.interference_motion == "homography" or score >= config.separation.rigid_layer_score
         if rigid:
             start = np.stack([np.array([[1, 0, dx / norm.s], [0, 1, dy / norm.s], [0, 0, 1.0]]) for dx, dy in shifts])
             start = centre_gauge(np.einsum("tij,tjk->tik", start, matrices.cpu().numpy()))
@@ -220,15 +301,16 @@ class SeparationModel(nn.Module):
         total = self.scene.regulariser(config, generator)
         if self._last is None:
             return total
-        sparsity = self.task.sparsity if config.sparsity is None else config.sparsity
+        s = config.separation
+        sparsity = self.task.sparsity if s.sparsity is None else s.sparsity
         total = total + sparsity * self.task.sparse_of(self._last).abs().mean()
-        if self.task.zero_mean > 0 and config.preset == "fast":  # the paper preset keeps the official losses
+        if self.task.zero_mean > 0 and s.zero_mean_prior:
             total = total + self.task.zero_mean * self.frame_means(self._last["interference"]).abs().mean()
-        if self._last_rigid is not None and config.interference_free > 0:
+        if self._last_rigid is not None and s.interference_free > 0:
             # what the free part adds to the rigid layer has its own price: under the layer's sparsity alone the
             # free part would rather take the layer back and leave its lower envelope in the scene
-            total = total + config.interference_free * (self._last["interference"] - self._last_rigid).abs().mean()
-        exclusion = self.task.exclusion if config.exclusion is None else config.exclusion
+            total = total + s.interference_free * (self._last["interference"] - self._last_rigid).abs().mean()
+        exclusion = self.task.exclusion if s.exclusion is None else s.exclusion
         if exclusion > 0:
             total = total + exclusion * self.exclusion_loss(generator)
         return total
@@ -242,7 +324,7 @@ class SeparationModel(nn.Module):
 
     def exclusion_loss(self, generator: torch.Generator, patches: int = 16, size: int = 8) -> torch.Tensor:
         """Mean (tanh(a |grad S|) tanh(b |grad B|))^2 over random 8x8 patches of random frames, gradients by
-        finite differences; a, b balance the two layers' gradient magnitudes (DESIGN.md section 2)."""
+        finite differences; a, b balance the two layers' gradient magnitudes (docs/architecture.md, the method)."""
         norm = self.normaliser
         device = self.interference_on.device
         t = torch.randint(self.n_frames, (patches,), generator=generator)
@@ -264,8 +346,6 @@ class SeparationModel(nn.Module):
             loss = loss + (torch.tanh(a * gs) * torch.tanh(bb * gb)).pow(2).mean()
         return loss
 
-    def preview(self, config: FitConfig, device: torch.device) -> np.ndarray:
-        return self.scene.preview(config, device)
 
 
 # finest-level nodes per frame slice of the interference grid: its gradient and Adam update are dense, so a
@@ -283,32 +363,8 @@ def interference_init(task: Task, channels: int) -> torch.Tensor:
 
 
 def interference_density(config: FitConfig, h: int, w: int) -> float:
-    """Finest cells per working pixel of the interference grid: ``config.interference_density`` (0: the scene's
+    """Finest cells per working pixel of the interference grid: ``interference_density`` (0: the scene's
     ``grid_density``), lowered for large frames to at most MAX_INTERFERENCE_NODES nodes per frame, though
     never below the scene's density."""
-    density = config.interference_density or config.grid_density
-    return min(density, max(config.grid_density, math.sqrt(MAX_INTERFERENCE_NODES / (h * w))))
-
-
-def make_separation_model(config: FitConfig, shape, domain, scene: FusionModel) -> SeparationModel:
-    """Wrap a scene FusionModel with the interference stream of ``config.task``; seeded."""
-    task = get_task(config.task)
-    t, h, w, c = shape
-    k = task.interference_channels(c)
-    norm = scene.normaliser
-    hx, hy = norm.half_extent()
-    frame_domain = (-hx - 0.02, hx + 0.02, -hy - 0.02, hy + 0.02)
-    init = interference_init(task, c)
-    torch.manual_seed(config.seed + 101)
-    if config.field == "grid":
-        options = {"finest": interference_density(config, h, w) * norm.s, "features": 2, "hidden": 32,
-                   **config.interference_options}
-        interference = fields.GridField(k, frame_domain, init_value=init, depth_cells=max(1, t - 1), **options)
-    else:
-        interference = fields.Siren(3, k, init_value=init, **{"width": task.paper.get("f2_width", 256),
-                                                                "hidden_layers": 4, **config.interference_options})
-    moving_layer = None
-    if config.interference_motion != "none":  # FitConfig.validate: grid fields only
-        margin = (-hx - MOVING_MARGIN, hx + MOVING_MARGIN, -hy - MOVING_MARGIN, hy + MOVING_MARGIN)
-        moving_layer = fields.GridField(k, margin, init_value=torch.zeros(k), **options)
-    return SeparationModel(scene, interference, task, t, c, moving_layer)
+    density = config.separation.interference_density or config.field.grid_density
+    return min(density, max(config.field.grid_density, math.sqrt(MAX_INTERFERENCE_NODES / (h * w))))

@@ -1,0 +1,121 @@
+"""Assembly: the one place that knows both the motion table and the task table.
+
+``build_model(frames, config, device)`` makes the networks a fit starts from (feature start included);
+``make_model(config, shape, domain)`` makes them for a known canonical domain (also used to load a saved result
+and, on the meta device, by the memory estimate). Everything is seeded by ``config.runtime.seed``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.ndimage import median_filter
+from torch import nn
+
+from . import fields
+from .config import FitConfig
+from .geometry import Normaliser, frame_bounds
+from .models import MOVING_MARGIN, FusionModel, SeparationModel, interference_density, interference_init
+from .motion import centre_gauge, feature_homographies
+from .motions import get_motion
+from .stages import Stage
+from .tasks import get_task
+
+__all__ = ["build_model", "make_model", "initial_homographies"]
+
+
+def initial_homographies(frames: np.ndarray, config: FitConfig, norm: Normaliser) -> np.ndarray | None:
+    """(T, 3, 3) normalised frame -> canonical start homographies (gauge-centred), or None for identity."""
+    m = config.motion
+    if m.init == "identity":
+        return None
+    if m.feature_prefilter > 1:
+        # thin obstructions (fence wires, rain streaks) are high-contrast corners that feature matching would
+        # follow instead of the scene; a median filter wider than they are removes them first
+        k = m.feature_prefilter
+        frames = median_filter(frames, size=(1, k, k, 1)[:frames.ndim])
+    pixel = feature_homographies(frames, seed=config.seed)
+    if pixel is None:
+        if m.init == "features":
+            raise ValueError("feature-based initialisation failed: too few keypoint matches between consecutive "
+                             "frames; use init='identity' (small motions) or a burst with more texture/overlap")
+        return None
+    n = norm.matrix
+    normalised = np.einsum("ij,tjk,kl->til", n, pixel, np.linalg.inv(n))
+    return centre_gauge(normalised)
+
+
+def build_model(frames: np.ndarray, config: FitConfig, device: torch.device) -> nn.Module:
+    """The networks for (T, h, w, C) working frames, seeded by the config's seed.
+
+    The motion starts from features (when the motion model takes a homography start, ``init`` allows and
+    matching succeeds) or the identity; the field's domain covers every frame's start outline plus room for the
+    motion still to be learned.
+    """
+    t, h, w, c = frames.shape
+    norm = Normaliser(h, w)
+    init = initial_homographies(frames, config, norm) if get_motion(config.motion.model).feature_start(config) \
+        else None
+    start = init if init is not None else np.repeat(np.eye(3)[None], t, 0)
+    xmin, xmax, ymin, ymax = frame_bounds(start, norm)
+    margin = 0.15 + (0.25 if init is None else 0.0)
+    domain = (xmin - margin, xmax + margin, ymin - margin, ymax + margin)
+    lo, hi = config.value_range
+    mean = frames.reshape(-1, c).mean(0) * (hi - lo) + lo
+    return make_model(config, (t, h, w, c), domain, init=init, mean=mean).to(device)
+
+
+def make_model(config: FitConfig, shape: tuple[int, int, int, int], domain, *, init=None, mean=None) -> nn.Module:
+    """Networks for working frames of ``shape`` (T, h, w, C) over a canonical ``domain``; seeded.
+
+    init: (T, 3, 3) feature start or None; mean: (C,) the frames' mean in the value range (the field's start).
+    A fusion model, or a separation model around one when ``config.task`` names a task."""
+    t, h, w, c = shape
+    norm = Normaliser(h, w)
+    torch.manual_seed(config.seed)
+    mean_t = None if mean is None else torch.as_tensor(np.asarray(mean), dtype=torch.float32)
+    motion = get_motion(config.motion.model)
+    f = config.field
+    if f.kind == "grid":
+        options = {"finest": f.grid_density * norm.s, **f.options}
+        if motion.depth:
+            options.setdefault("depth_cells", config.motion.occlusion_cells)
+        field_net = fields.GridField(c, tuple(domain), init_value=mean_t, **options)
+    else:
+        field_net = fields.Siren(3 if motion.depth else 2, c, init_value=mean_t, **f.options)
+    motion_net = motion.build(config, t, domain, init)
+    separating = bool(config.task)
+    # a separation's scene runs the separation's stages (see SeparationModel.stages), not the motion's
+    stages = None if separating else motion.stages(config) or [Stage("fit")]
+    scene = FusionModel(field_net, motion_net, norm, tuple(float(d) for d in domain), t, c, f.exposure,
+                        stages=stages)
+    scene.feature_started = init is not None
+    # separation keeps the slow ramp: its weights were measured with it, and the scene warm-up needs it
+    scene.fast_ramp = scene.feature_started and motion.featured_ramp and not separating
+    if separating:
+        return _separation_model(config, shape, scene)
+    return scene
+
+
+def _separation_model(config: FitConfig, shape, scene: FusionModel) -> SeparationModel:
+    """Wrap a scene FusionModel with the interference stream of ``config.task``; seeded."""
+    task = get_task(config.task)
+    s = config.separation
+    t, h, w, c = shape
+    k = task.interference_channels(c)
+    norm = scene.normaliser
+    hx, hy = norm.half_extent()
+    frame_domain = (-hx - 0.02, hx + 0.02, -hy - 0.02, hy + 0.02)
+    init = interference_init(task, c)
+    torch.manual_seed(config.seed + 101)
+    if config.field.kind == "grid":
+        options = {"finest": interference_density(config, h, w) * norm.s, "features": 2, "hidden": 32,
+                   **s.interference_options}
+        interference = fields.GridField(k, frame_domain, init_value=init, depth_cells=max(1, t - 1), **options)
+    else:
+        interference = fields.Siren(3, k, init_value=init, **{"width": task.paper.get("f2_width", 256),
+                                                                "hidden_layers": 4, **s.interference_options})
+    moving_layer = None
+    if s.interference_motion != "none":  # FitConfig.validate: grid fields only
+        margin = (-hx - MOVING_MARGIN, hx + MOVING_MARGIN, -hy - MOVING_MARGIN, hy + MOVING_MARGIN)
+        moving_layer = fields.GridField(k, margin, init_value=torch.zeros(k), **options)
+    return SeparationModel(scene, interference, task, t, c, moving_layer)

@@ -1,0 +1,156 @@
+"""The training loop, and where it runs.
+
+``fit_steps`` is a generator of ``ProgressEvent``: the caller (API, CLI progress bar, napari thread worker)
+drives it and can stop at any ``yield`` (cancellation). Everything is seeded; on CPU a run is bit-identical
+for the same seed (``cpu_fit_settings``).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import FitConfig
+from .stages import stage_at
+
+__all__ = ["ProgressEvent", "fit_steps", "resolve_device", "cpu_fit_settings"]
+
+
+@dataclass
+class ProgressEvent:
+    """One progress report. loss: training loss; psnr: reconstruction PSNR (dB, batch estimate);
+    seconds: wall time since the start; preview: (h, w[, C]) float32 working-range canonical view or None."""
+
+    step: int
+    total: int
+    loss: float
+    psnr: float
+    seconds: float
+    preview: np.ndarray | None = None
+    stage: str = "fit"  # the model's stage at this step (stages.py)
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> CUDA, then MPS, then CPU. Explicit names are checked and explained when unavailable."""
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string such as 'auto', 'cpu' or 'cuda:0', got {type(device).__name__}")
+    name = device.strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but no CUDA GPU is available to torch; "
+                             "use device='auto' or 'cpu'")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) present "
+                             f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+        return dev
+    if name == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise ValueError("device 'mps' requested but Apple MPS is not available; use device='auto' or 'cpu'")
+        return torch.device("mps")
+    raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
+def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: torch.device,
+              start: float | None = None, preview: Callable[[nn.Module], np.ndarray] | None = None):
+    """Generator: optimise ``model`` on (T, h, w, C) working frames, yielding ``ProgressEvent``s.
+
+    ``model(frame_index (N,), xy (N, 2)) -> (N, C)`` predicts pixels; it also provides ``stages``,
+    ``parameter_groups``, ``set_progress`` and ``regulariser`` (see models.py). The loop never asks what the model
+    is: what changes during a run is in its stages (stages.py).
+    Stop early by closing the generator (or simply not resuming it): the model keeps its current state.
+    start: ``time.perf_counter()`` value that event.seconds count from (default: now); a job passes the time
+    before it built the model, so that the feature-based start is included in the reported times.
+    preview(model) -> (h, w, C) canonical view, called every ``preview_every`` steps (None: no previews).
+    """
+    t, h, w, c = frames.shape
+    o = config.optimiser
+    lo, hi = o.value_range
+    data = torch.as_tensor(frames, device=device).reshape(-1, c) * (hi - lo) + lo
+    norm = model.normaliser
+    batch = o.batch if o.batch > 0 else max(1024, (h * w) // -o.batch)
+    gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+    # fused: the update of each tensor in one pass (the multi-kernel update was a third of a step on large grids;
+    # benchmarks/RESULTS.md)
+    optimiser = torch.optim.Adam(model.parameter_groups(config), fused=device.type in ("cpu", "cuda"))
+    base_lrs = [g["lr"] for g in optimiser.param_groups]
+    warmup_steps = int(o.motion_warmup * o.steps)
+    start = time.perf_counter() if start is None else start
+    loss_fn = torch.nn.functional.l1_loss if o.loss == "l1" else torch.nn.functional.mse_loss
+    mse_to_unit = 1.0 / (hi - lo) ** 2
+    stages = model.stages(config)
+    entered: set[int] = set()
+    preview_every = config.runtime.preview_every
+    for step in range(1, o.steps + 1):
+        progress = (step - 1) / max(o.steps - 1, 1)
+        for k, stage in enumerate(stages):
+            if k not in entered and progress >= stage.start:
+                entered.add(k)
+                if stage.enter is not None:
+                    stage.enter(model, data, (t, h, w, c), config, gen, progress)
+        stage = stage_at(stages, progress)
+        decay = o.lr_final_fraction + (1 - o.lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+        for g, base in zip(optimiser.param_groups, base_lrs):
+            frozen = g.get("name") == "motion" and step <= warmup_steps
+            g["lr"] = 0.0 if frozen else base * decay
+        model.set_progress(progress, config)
+        flat = torch.randint(t * h * w, (batch,), generator=gen).to(device)
+        frame_index = flat // (h * w)
+        xy = norm.flat_pixels(flat % (h * w))
+        pred = model(frame_index, xy)
+        target = data[flat]
+        if stage.cauchy > 0:
+            data_term = stage.cauchy * torch.log1p(((pred - target) / stage.cauchy) ** 2).mean()
+        else:
+            data_term = loss_fn(pred, target)
+        loss = data_term + model.regulariser(config, gen)
+        if not torch.isfinite(loss):
+            raise ValueError(f"the fit diverged at step {step} (the loss is {loss.item()}); lower the learning "
+                             "rates (lr_field, lr_motion) or use the preset's defaults")
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        # yield every step: a consumer cancels by not resuming, so the latency is one step
+        with torch.no_grad():
+            mse = torch.mean((pred.detach() - target) ** 2).item() * mse_to_unit
+        psnr = -10 * math.log10(max(mse, 1e-12))
+        shown = None
+        if preview is not None and preview_every and (step % preview_every == 0 or step == o.steps):
+            shown = preview(model)
+        yield ProgressEvent(step, o.steps, float(loss.item()), psnr, time.perf_counter() - start, shown, stage.name)
+
+
+@contextlib.contextmanager
+def cpu_fit_settings(device: torch.device):
+    """Settings for a CPU fit, restored afterwards.
+
+    Deterministic algorithms: some multi-threaded CPU kernels (grid_sample's backward among them) accumulate
+    in a thread-dependent order otherwise, and a seed must give bit-identical results.
+    Flush denormals: the grid features start tiny and, with an L1 loss, their updates fall into the
+    denormal range, which made CPU steps about twice as slow (benchmarks/DECISIONS.md, "CPU settings").
+    """
+    if device.type != "cpu":
+        yield
+        return
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)  # torch's default; it offers no getter to restore a custom value
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
