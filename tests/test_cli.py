@@ -15,17 +15,24 @@ import tifffile
 
 import napari_nir
 from napari_nir import cli, io
+from napari_nir.core.config import FitConfig, options, parse_value
+from napari_nir.core.presets import preset_config, separation_config
+from napari_nir.core.result import ARTEFACTS, Artefact, artefact_files
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FUSE_OUTPUTS = {"canonical.tif", "frames.tif", "homographies.json", "side_by_side.png", "provenance.json"}
+CLI_FILES = {"side_by_side.png", "provenance.json"}
 
 
 class FakeFit:
-    """Stands in for a FusionResult: the contract of DESIGN.md section 4, nothing more."""
+    """Stands in for a FusionResult / SeparationResult: its public contract (config, history, provenance,
+    homographies and the artefact list built from the real ``ARTEFACTS`` specs), with made-up data."""
 
-    def __init__(self, burst, motion):
+    def __init__(self, burst, config, *, rigid=False):
         self.burst = np.asarray(burst)
-        self.motion = motion
+        self.config = config
+        self.motion = config.motion.model
+        self.rigid = rigid  # a separation's interference has a rigid layer
         self.history = [{"step": 1, "seconds": 0.1, "loss": 0.5, "psnr": 10.0},
                         {"step": 2, "seconds": 0.2, "loss": 0.25, "psnr": 12.0}]
         self.canonical_calls = []
@@ -38,20 +45,68 @@ class FakeFit:
         h[:, 0, 2] = np.arange(len(self.burst))
         return h
 
-    def frames(self):
-        return self.burst.copy()
-
     def canonical(self, extent="union", scale=1.0):
         self.canonical_calls.append((extent, scale))
         first = self.burst[0]
         return np.repeat(np.repeat(first, int(scale), axis=0), int(scale), axis=1)
 
-    def flow(self):
-        return np.zeros(self.burst.shape[:3] + (2,), np.float32)
+    def _data(self, role, extent, scale):
+        """(data, extra metadata) of one artefact, or None (this result has none)."""
+        t, h, w = self.burst.shape[:3]
+        if role == "canonical":
+            view = self.canonical(extent, scale)
+            return view, {"extent": extent, "scale": scale, "shape": list(view.shape)}
+        if role in ("frames", "scene"):
+            return self.burst.copy(), {}
+        if role == "interference":
+            return np.zeros_like(self.burst), {}
+        if role in ("alpha", "flow magnitude", "occlusion w"):
+            return np.zeros((t, h, w), np.float32), {}
+        if role == "homographies":
+            return {"convention": "(col, row, 1) fake", "canonical": {"file": "canonical.tif", "extent": extent,
+                                                                       "scale": scale},
+                    "homographies": self.homographies.tolist()}, {}
+        if role == "interference homographies":
+            return {"convention": "fake", "found": self.rigid, "score": 12.0 if self.rigid else 1.0,
+                    "homographies": self.homographies.tolist() if self.rigid else None}, {}
+        if role == "interference canonical":
+            return (self.burst[0].copy(), {}) if self.rigid else None
+        if role == "outlines":
+            return np.zeros((t, 4, 2)), {}
+        if role == "flow":
+            return np.zeros((t, h, w, 2), np.float32), {}
+        if role == "flow colour":
+            return np.zeros((t, h, w, 3), np.uint8), {}
+        if role == "flow vectors":
+            return np.zeros((4, 2, 3), np.float32), {"step": 4}
+        raise KeyError(f"FakeFit has no data for the artefact {role!r}")
+
+    def artefacts(self, extent="union", scale=1.0, roles=None):
+        out = []
+        for spec in ARTEFACTS.values():
+            if (roles is not None and spec.role not in roles) or not spec.applies(self.config):
+                continue
+            made = self._data(spec.role, extent, scale)
+            if made is None:
+                continue
+            data, extra = made
+            channels = (spec.axes.endswith("[C]") and self.burst.ndim == 4) or spec.axes.endswith("2")
+            out.append(Artefact(spec, data, channels, {"convention": spec.description, **extra}, spec.visible))
+        return out
 
     def provenance(self):
-        return {"software": "napari-nir", "version": napari_nir.__version__, "parameters": {"motion": self.motion},
-                "seed": 0, "final_psnr_db": 12.0, "seconds": 0.2}
+        prov = {"software": "napari-nir", "version": napari_nir.__version__, "task": "fuse",
+                "parameters": self.config.to_dict(), "seed": self.config.seed, "final_psnr_db": 12.0,
+                "seconds": 0.2}
+        if self.config.task:
+            prov["task"] = f"separate:{self.config.task}"
+        return prov
+
+
+def _progress(callback):
+    for step in (1, 2):
+        if callback is not None:
+            callback(SimpleNamespace(step=step, total=2, loss=0.5 / step, psnr=10.0 + step, seconds=0.1 * step))
 
 
 @pytest.fixture
@@ -59,16 +114,36 @@ def fake_fuse(monkeypatch):
     """Replace napari_nir.fuse; records each call's arguments; ``calls[-1]["fit"]`` is the returned FakeFit."""
     calls = []
 
-    def fuse(burst, motion="homography", *, preset="fast", steps=None, device="auto", seed=0, callback=None):
-        call = {"burst": burst, "motion": motion, "preset": preset, "steps": steps, "device": device, "seed": seed}
+    def fuse(burst, motion="homography", *, preset="fast", steps=None, device="auto", seed=0, callback=None,
+             **options):
+        call = {"burst": burst, "motion": motion, "preset": preset, "steps": steps, "device": device, "seed": seed,
+                "options": options}
         calls.append(call)
-        for step in (1, 2):
-            if callback is not None:
-                callback(SimpleNamespace(step=step, total=2, loss=0.5 / step, psnr=10.0 + step, seconds=0.1 * step))
-        call["fit"] = FakeFit(burst, motion)
+        _progress(callback)
+        config = preset_config(motion, preset, steps=steps, seed=seed, device=device, **options)
+        call["fit"] = FakeFit(burst, config)
         return call["fit"]
 
     monkeypatch.setattr(napari_nir, "fuse", fuse)
+    return calls
+
+
+@pytest.fixture
+def fake_separate(monkeypatch):
+    """Replace napari_nir.separate like ``fake_fuse``; ``calls.rigid = True`` makes results with a rigid layer."""
+    calls = SimpleNamespace(list=[], rigid=False)
+
+    def separate(burst, task="reflection", *, motion=None, preset="fast", steps=None, device="auto", seed=0,
+                 callback=None, **options):
+        call = {"burst": burst, "task": task, "motion": motion, "preset": preset, "steps": steps, "device": device,
+                "seed": seed, "options": options}
+        calls.list.append(call)
+        _progress(callback)
+        config = separation_config(task, preset, motion, steps=steps, seed=seed, device=device, **options)
+        call["fit"] = FakeFit(burst, config, rigid=calls.rigid)
+        return call["fit"]
+
+    monkeypatch.setattr(napari_nir, "separate", separate)
     return calls
 
 
@@ -95,6 +170,7 @@ def test_fuse_writes_every_output_with_provenance(tmp_path, burst_tif, fake_fuse
     canonical, meta = io.read_tiff(out / "canonical.tif")
     np.testing.assert_array_equal(canonical, burst[0])
     assert meta["output"] == "canonical" and meta["software"] == "napari-nir" and meta["extent"] == "union"
+    assert meta["convention"] == ARTEFACTS["canonical"].description
     frames, meta = io.read_tiff(out / "frames.tif")
     np.testing.assert_array_equal(frames, burst)
     assert meta["output"] == "frames" and meta["final_psnr_db"] == 12.0
@@ -107,6 +183,7 @@ def test_fuse_writes_every_output_with_provenance(tmp_path, burst_tif, fake_fuse
     assert prov["version"] == napari_nir.__version__ and prov["source"] == str(path)
     assert prov["command"][:2] == ["napari-nir", "fuse"] and prov["history"] == call["fit"].history
     assert set(prov["outputs"]) == FUSE_OUTPUTS
+    assert FUSE_OUTPUTS == set(artefact_files(preset_config("homography", "paper"))) | CLI_FILES
 
     png = iio.imread(out / "side_by_side.png")
     assert png.shape == (16, 20 + 4 + 20, 3)
@@ -295,29 +372,40 @@ def test_subprocess_bad_inputs_exit_2_with_one_line(tmp_path):
     assert (out / "frames.tif").read_bytes() == b"keep me"
 
 
+def _config_of(out: Path) -> FitConfig:
+    return FitConfig.from_dict(json.loads((out / "provenance.json").read_text())["parameters"])
+
+
 def test_separate_and_flow_outputs(tmp_path):
-    """`separate` writes every layer of the task table's entry; `fuse --motion flow` writes flow.tif and flow.png."""
-    from napari_nir import cli, io
+    """The files written are the artefact list's (``artefact_files`` of the run's config) plus the CLI's own:
+    `separate` writes every layer of the task table's entry and the scene's fusion and alignment; `fuse --motion
+    flow` writes flow.tif and flow.png, occlusion also occlusion_w.tif."""
     from napari_nir._sample_data import flow_burst, separation_burst
 
     src = tmp_path / "rain.tif"
     io.write_tiff(src, separation_burst("rain", 2, (24, 24)).frames, {})
     out = tmp_path / "sep"
     assert cli.main(["separate", str(src), "--task", "rain", "-o", str(out), "--steps", "3", "--quiet"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["scene.tif", "interference.tif", "alpha.tif", "canonical.tif", "side_by_side.png", "provenance.json"])
+    names = {p.name for p in out.iterdir()}
+    assert names == set(artefact_files(separation_config("rain", "fast", steps=3))) | CLI_FILES
+    assert names == set(artefact_files(_config_of(out))) | CLI_FILES
+    assert {"scene.tif", "interference.tif", "alpha.tif", "canonical.tif", "frames.tif", "homographies.json"} <= names
     alpha, meta = io.read_tiff(out / "alpha.tif")
     assert alpha.shape == (2, 24, 24) and meta["output"] == "alpha" and meta["parameters"]["task"] == "rain"
+    assert meta["convention"] == ARTEFACTS["alpha"].description
     src2 = tmp_path / "flow.tif"
     io.write_tiff(src2, flow_burst(2, (24, 24)).frames, {})
     out2 = tmp_path / "flow"
     assert cli.main(["fuse", str(src2), "-o", str(out2), "--motion", "flow", "--steps", "3", "--quiet"]) == 0
+    assert {p.name for p in out2.iterdir()} == set(artefact_files(preset_config("flow", "fast"))) | CLI_FILES
     flow, meta = io.read_tiff(out2 / "flow.tif")
     assert flow.shape == (2, 24, 24, 2) and (out2 / "flow.png").stat().st_size > 0
+    assert meta["output"] == "flow" and meta["convention"] == ARTEFACTS["flow"].description
     out3 = tmp_path / "occlusion"
     assert cli.main(["fuse", str(src2), "-o", str(out3), "--motion", "occlusion", "--steps", "3", "--quiet"]) == 0
+    assert {p.name for p in out3.iterdir()} == set(artefact_files(preset_config("occlusion", "fast"))) | CLI_FILES
     w, meta = io.read_tiff(out3 / "occlusion_w.tif")
-    assert w.shape == (2, 24, 24) and meta["output"] == "occlusion_w" and np.all(np.abs(w) <= 1)
+    assert w.shape == (2, 24, 24) and meta["output"] == "occlusion w" and np.all(np.abs(w) <= 1)
     assert cli.main(["separate", str(src), "--task", "snow", "-o", str(out)]) == 2
 
 
@@ -335,6 +423,186 @@ def test_separate_reflection_writes_the_rigid_layers_alignment(tmp_path):
     record = json.loads((out / "interference_homographies.json").read_text())
     assert record["found"] and record["score"] >= 10  # measured 11.6
     assert np.asarray(record["homographies"]).shape == (3, 3, 3)
-    assert json.loads((out / "provenance.json").read_text())["rigid_layer"] == {k: record[k] for k in ("found", "score")}
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["rigid_layer"] == {k: record[k] for k in ("found", "score")}
     reflection, meta = io.read_tiff(out / "interference_canonical.tif")
     assert reflection.shape == (96, 96, 3) and meta["output"] == "interference canonical"
+
+
+# -- --set, options, --from-provenance ----------------------------------------------------------------------
+
+def _err_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("napari-nir: error: "), err
+    return err
+
+
+def test_set_reaches_the_fit_provenance_and_command(tmp_path, burst_tif, fake_fuse):
+    path, _ = burst_tif
+    out = tmp_path / "out"
+    assert cli.main(["fuse", str(path), "-o", str(out), "--quiet", "--set", "batch=4096", "--set",
+                     "optimiser.loss=mse", "--set", "value_range=-1,1", "--set", "exposure=false"]) == 0
+    call = fake_fuse[-1]
+    assert call["options"] == {"batch": 4096, "loss": "mse", "value_range": (-1.0, 1.0), "exposure": False}
+    prov = json.loads((out / "provenance.json").read_text())
+    params = prov["parameters"]
+    assert (params["batch"], params["loss"], params["value_range"], params["exposure"]) == (4096, "mse", [-1, 1],
+                                                                                             False)
+    assert io.read_tiff(out / "canonical.tif")[1]["parameters"]["batch"] == 4096
+    command = prov["command"]
+    for text in ("batch=4096", "loss=mse", "value_range=-1.0,1.0", "exposure=false"):
+        assert command[command.index(text) - 1] == "--set"
+    # the recorded command repeats the run: the same configuration
+    again = command[1:]
+    again[again.index("-o") + 1] = str(tmp_path / "again")
+    assert cli.main([*again, "--quiet"]) == 0
+    assert fake_fuse[-1]["fit"].config == call["fit"].config
+
+
+def test_set_errors_are_one_line_and_fit_nothing(tmp_path, burst_tif, fake_fuse, capsys):
+    path, _ = burst_tif
+    out = tmp_path / "out"
+    base = ["fuse", str(path), "-o", str(out)]
+    assert cli.main([*base, "--set", "batchsize=3"]) == 2
+    err = _err_line(capsys)
+    assert "batchsize" in err and "napari-nir options" in err and "batch" in err.split("did you mean")[1]
+    assert cli.main([*base, "--set", "batch"]) == 2
+    assert "KEY=VALUE" in _err_line(capsys)
+    assert cli.main([*base, "--set", "batch=lots"]) == 2
+    assert "batch" in _err_line(capsys)
+    assert cli.main([*base, "--set", "steps=0"]) == 2  # parsed, then refused by the config's bounds
+    assert "steps" in _err_line(capsys)
+    assert cli.main([*base, "--set", "loss=l3"]) == 2
+    assert "'l1' or 'mse'" in _err_line(capsys)
+    assert cli.main([*base, "--set", "task=rain"]) == 2
+    assert "separate" in _err_line(capsys)
+    assert cli.main([*base, "--steps", "5", "--set", "steps=6"]) == 2
+    assert "disagree" in _err_line(capsys)
+    assert fake_fuse == [] and not out.exists()
+    assert cli.main([*base, "--steps", "5", "--set", "steps=5", "--quiet"]) == 0  # the same value twice is fine
+
+
+def test_options_lists_every_option(capsys):
+    assert cli.main(["options"]) == 0
+    text = capsys.readouterr().out
+    for flat, opt in options().items():
+        assert f"  {flat} ({opt.path}): " in text and opt.doc in text
+    assert "l1 | mse" in text and "default 400" in text
+
+
+def _configs():
+    from napari_nir.core.motions import MOTIONS
+    from napari_nir.core.tasks import TASKS
+
+    for preset in ("fast", "paper"):
+        for motion in MOTIONS:
+            yield preset_config(motion, preset)
+        for task in TASKS:
+            yield separation_config(task, preset)
+
+
+def test_recorded_values_read_back_through_set():
+    """Every option value of every preset, motion and task, written as --set text, parses back to itself."""
+    for config in _configs():
+        for flat in options():
+            value = config.get(flat)
+            back = parse_value(flat, cli.format_value(value))
+            assert back == value or (isinstance(value, tuple) and tuple(back) == value), (flat, value, back)
+
+
+def test_from_provenance_repeats_the_recorded_run(tmp_path, burst_tif, fake_fuse, capsys):
+    path, _ = burst_tif
+    out = tmp_path / "out"
+    assert cli.main(["fuse", str(path), "-o", str(out), "--quiet", "--steps", "7", "--seed", "3", "--motion", "flow",
+                     "--extent", "first", "--scale", "2", "--device", "cpu", "--set", "batch=4096"]) == 0
+    first = fake_fuse[-1]
+    for record in ("provenance.json", "flow.tif"):  # the JSON record, or the one in any of its TIFFs
+        again = tmp_path / f"again-{record}"
+        assert cli.main(["fuse", str(path), "-o", str(again), "--quiet", "--from-provenance",
+                         str(out / record)]) == 0
+        call = fake_fuse[-1]
+        assert call["fit"].config == first["fit"].config
+        assert (call["motion"], call["steps"], call["seed"], call["device"]) == ("flow", 7, 3, "cpu")
+        assert set(os.listdir(again)) == set(os.listdir(out))
+        prov = json.loads((again / "provenance.json").read_text())
+        assert prov["from_provenance"] == str(out / record)
+        if record == "provenance.json":
+            assert call["fit"].canonical_calls == [("first", 2.0)]  # the recorded view
+    # flags and --set replace single values
+    assert cli.main(["fuse", str(path), "-o", str(tmp_path / "o3"), "--quiet", "--from-provenance",
+                     str(out / "provenance.json"), "--steps", "9", "--set", "loss=mse", "--scale", "1"]) == 0
+    call = fake_fuse[-1]
+    changed = {k for k, v in call["fit"].config.to_dict().items() if v != first["fit"].config.to_dict()[k]}
+    assert changed == {"steps", "loss"} and call["fit"].canonical_calls == [("first", 1.0)]
+
+    n = len(fake_fuse)
+    assert cli.main(["fuse", str(path), "-o", str(tmp_path / "o4"), "--from-provenance",
+                     str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in _err_line(capsys)
+    (tmp_path / "other.json").write_text('{"hello": 1}')
+    assert cli.main(["fuse", str(path), "-o", str(tmp_path / "o4"), "--from-provenance",
+                     str(tmp_path / "other.json")]) == 2
+    assert "provenance record" in _err_line(capsys)
+    assert cli.main(["separate", str(path), "-o", str(tmp_path / "o4"), "--from-provenance",
+                     str(out / "provenance.json")]) == 2
+    assert "records a fusion" in _err_line(capsys)
+    assert len(fake_fuse) == n and not (tmp_path / "o4").exists()
+
+
+def test_separate_files_are_the_artefact_list(tmp_path, burst_tif, fake_separate, capsys):
+    """Reflection: interference_canonical.tif where the result has a rigid layer; a later run without one
+    removes a stale one (with --overwrite); --from-provenance repeats a separation, task included."""
+    path, _ = burst_tif
+    out = tmp_path / "sep"
+    fake_separate.rigid = True
+    assert cli.main(["separate", str(path), "--task", "reflection", "-o", str(out), "--quiet"]) == 0
+    config = fake_separate.list[-1]["fit"].config
+    assert config.get("interference_motion") == "auto" and config.task == "reflection"
+    expected = set(artefact_files(config)) | CLI_FILES
+    assert set(os.listdir(out)) == expected and "interference_canonical.tif" in expected
+    assert io.read_tiff(out / "interference_canonical.tif")[1]["output"] == "interference canonical"
+    png = iio.imread(out / "side_by_side.png")
+    assert png.shape[1] == 3 * 20 + 2 * 4  # input, scene, interference
+    command = json.loads((out / "provenance.json").read_text())["command"][1:]
+    command[command.index("-o") + 1] = str(tmp_path / "repeat")
+    assert cli.main([*command, "--quiet"]) == 0 and fake_separate.list[-1]["fit"].config == config
+
+    fake_separate.rigid = False
+    assert cli.main(["separate", str(path), "--task", "reflection", "-o", str(out), "--quiet"]) == 2
+    assert "--overwrite" in _err_line(capsys)
+    assert cli.main(["separate", str(path), "--task", "reflection", "-o", str(out), "--quiet", "--overwrite"]) == 0
+    assert set(os.listdir(out)) == expected - {"interference_canonical.tif"}  # the stale one is gone
+    assert json.loads((out / "interference_homographies.json").read_text())["found"] is False
+
+    again = tmp_path / "again"
+    assert cli.main(["separate", str(path), "-o", str(again), "--quiet", "--from-provenance",
+                     str(out / "provenance.json"), "--set", "sparsity=0.5"]) == 0
+    call = fake_separate.list[-1]
+    assert call["task"] == "reflection" and call["fit"].config == config.replace(sparsity=0.5)
+    assert cli.main(["fuse", str(path), "-o", str(tmp_path / "x"), "--from-provenance",
+                     str(out / "provenance.json")]) == 2
+    assert "records a separation" in _err_line(capsys)
+    assert cli.main(["separate", str(path), "-o", str(tmp_path / "x")]) == 2
+    assert "--task" in _err_line(capsys)
+
+
+def test_from_provenance_reproduces_a_real_fit_bit_identically(tmp_path):
+    """A real (tiny) CPU fit, then --from-provenance on the same burst: the same parameters, the same pixels."""
+    from napari_nir._sample_data import homography_burst
+
+    sample = homography_burst(3, (24, 24), seed=1)
+    tif = tmp_path / "burst.tif"
+    io.write_tiff(tif, sample.frames, {})
+    out, again = tmp_path / "out", tmp_path / "again"
+    assert cli.main(["fuse", str(tif), "-o", str(out), "--steps", "15", "--seed", "5", "--device", "cpu",
+                     "--set", "batch=2048", "--quiet"]) == 0
+    assert cli.main(["fuse", str(tif), "-o", str(again), "--from-provenance", str(out / "provenance.json"),
+                     "--quiet"]) == 0
+    first, second = (json.loads((d / "provenance.json").read_text()) for d in (out, again))
+    assert first["parameters"] == second["parameters"] and second["parameters"]["batch"] == 2048
+    assert second["parameters"]["steps"] == 15 and second["seed"] == 5
+    assert (out / "canonical.tif").read_bytes() != b""
+    a, b = io.read_tiff(out / "canonical.tif")[0], io.read_tiff(again / "canonical.tif")[0]
+    assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert json.loads((out / "homographies.json").read_text())["homographies"] == \
+        json.loads((again / "homographies.json").read_text())["homographies"]

@@ -33,6 +33,35 @@ def test_writer_round_trip_keeps_data_and_provenance(tmp_path, small_fit):
     assert back["parameters"] == small_fit.provenance()["parameters"] and back["layer_name"] == "burst canonical"
 
 
+def test_writer_records_the_artefact_convention_and_channels(tmp_path, small_fit, monkeypatch):
+    from napari_nir._layers import fusion_layer_data
+    from napari_nir.core.result import ARTEFACTS
+
+    layers = {kw["name"]: (d, kw) for d, kw, kind in fusion_layer_data(small_fit, "burst") if kind == "image"}
+    for role in ("canonical", "frames"):
+        data, kwargs = layers[f"burst {role}"]
+        path = str(tmp_path / f"{role}.tif")
+        _writer.write_image(path, data, kwargs)
+        back, record = io.read_tiff(path)
+        np.testing.assert_array_equal(back, data)
+        assert record["convention"] == ARTEFACTS[role].description and record["output"]["role"] == role
+        assert record["layer_name"] == f"burst {role}"
+
+    calls = []
+    monkeypatch.setattr(io, "write_tiff", lambda path, array, record, **kw: calls.append((record, kw["channels"])))
+    rgb = np.zeros((3, 8, 8, 3), np.float32)
+    for output, rgb_flag, channels in ((None, True, True), ({"role": "scene"}, True, True),
+                                       ({"role": "scene"}, False, False), ("alpha", True, False),
+                                       ({"role": "not an artefact"}, True, True)):
+        provenance = {"software": "napari-nir"} if output is None else {"software": "napari-nir", "output": output}
+        _writer.write_image(str(tmp_path / "x.tif"), rgb, {"name": "x", "rgb": rgb_flag,
+                                                           "metadata": {"napari_nir": provenance}})
+        record, flag = calls[-1]
+        assert flag is channels, (output, rgb_flag)
+        role = output.get("role") if isinstance(output, dict) else output
+        assert record.get("convention") == (ARTEFACTS[role].description if role in ARTEFACTS else None)
+
+
 @pytest.mark.gui
 def test_viewer_opens_a_folder_with_the_plugin(make_napari_viewer, tmp_path):
     frames = (np.random.default_rng(1).random((2, 16, 16)) * 65535).astype(np.uint16)

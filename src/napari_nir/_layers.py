@@ -1,5 +1,8 @@
 """Fit results -> napari layers. Pure functions, no Qt: usable from napari's console and from the widgets.
 
+The layers are the result's artefact list (``fit.artefacts()``, ``core.result.ARTEFACTS``): every entry with a
+napari layer type becomes "<source> <role>", converted by its kind (image, polygons, vectors) and axes.
+
 ::
 
     import napari, napari_nir as nir
@@ -14,7 +17,9 @@ that marker, so a user's own layer called "burst canonical" is never touched.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,13 +30,22 @@ if TYPE_CHECKING:
 
     from .core.result import FusionResult
 
-__all__ = ["OWNER_KEY", "META_KEY", "fusion_layer_data", "add_layer_data", "add_fusion_layer_data",
-           "add_result_to_viewer", "owned_layers", "preview_image"]
+__all__ = ["OWNER_KEY", "META_KEY", "FUSION_ROLES", "fusion_layer_data", "separation_layer_data", "result_layer_data",
+           "add_layer_data", "add_fusion_layer_data", "add_result_to_viewer", "owned_layers", "preview_image"]
 
 META_KEY = "napari_nir"
 OWNER_KEY = "napari_nir_owner"
-FUSION_ROLES = ("canonical", "frames", "outlines", "flow", "flow magnitude", "occlusion w",
-                "interference canonical")  # a later fit of the same source replaces these
+
+
+def _layer_roles() -> tuple[str, ...]:
+    from .core.result import ARTEFACTS
+
+    return tuple(role for role, spec in ARTEFACTS.items() if spec.layer)
+
+
+# every output shown as a layer (the artefact table's entries with a napari layer type): a later fit of the same
+# source replaces these, and removes those the new result has not got (outlines after a flow fit)
+FUSION_ROLES = _layer_roles()
 
 # edge colours of the frame outlines (matplotlib's tab10), cycled over the frames
 OUTLINE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -57,69 +71,123 @@ def _marker(source_name: str, role: str) -> dict:
     return {"source": source_name, "role": role}
 
 
-def _metadata(fit: FusionResult, source_name: str, role: str, **output) -> dict:
-    provenance = fit.provenance()
-    provenance["output"] = {"role": role, **output}
-    return {META_KEY: provenance, OWNER_KEY: _marker(source_name, role)}
+def _metadata(provenance: dict, source_name: str, role: str, **output) -> dict:
+    record = copy.deepcopy(provenance)
+    record["output"] = {"role": role, **output}
+    return {META_KEY: record, OWNER_KEY: _marker(source_name, role)}
 
 
-def fusion_layer_data(fit: FusionResult, source_name: str = "burst", *, scale: Sequence[float] | None = None,
+@dataclass(frozen=True)
+class _Placement:
+    """Where the source layer sits: its T and (Y, X) scale and translate, and whether colour is shown as rgb."""
+
+    t_scale: float
+    yx_scale: tuple[float, float]
+    t_shift: float
+    yx_shift: tuple[float, float]
+    rgb: bool
+
+    def axes(self, time: bool) -> tuple[list[float], list[float]]:
+        """(scale, translate) for (T, Y, X) data (``time``) or (Y, X)."""
+        if time:
+            return [self.t_scale, *self.yx_scale], [self.t_shift, *self.yx_shift]
+        return list(self.yx_scale), list(self.yx_shift)
+
+
+def result_layer_data(fit: FusionResult, source_name: str = "burst", *, scale: Sequence[float] | None = None,
                       translate: Sequence[float] | None = None, rgb: bool | None = None) -> list[LayerDataTuple]:
-    """A fusion result as napari LayerDataTuples ``(data, kwargs, layer_type)``.
+    """A result as napari LayerDataTuples ``(data, kwargs, layer_type)``: one per entry of
+    ``fit.artefacts("union", 1.0)`` that has a napari layer type, in that order, named "<source> <role>".
 
-    fit: a FusionResult (``napari_nir.fuse``; a SeparationResult works too: its scene stream).
-    source_name: the input layer's name; outputs are "<source> canonical", "<source> frames" and, for
-        motion="homography", "<source> outlines".
-    scale, translate: the source layer's, for its non-colour axes: (T, Y, X), or (Y, X). The canonical view
-        and the outlines drop the T axis; the frames keep it.
+    fit: a FusionResult (``napari_nir.fuse``) or a SeparationResult (``napari_nir.separate``).
+    source_name: the input layer's name; outputs are e.g. "<source> canonical", "<source> frames",
+        "<source> outlines" (homography), "<source> flow vectors" (flow models), "<source> scene" (separation).
+    scale, translate: the source layer's, for its non-colour axes: (T, Y, X), or (Y, X). Images with a T axis
+        (frames, scene, flow magnitude, ...) and the flow vectors keep it; the canonical views and the
+        outlines drop it.
     rgb: whether the last axis is colour; None: True when the burst had 3 or 4 channels.
 
-    Returns a list of
-      - ``(canonical, {...}, "image")``: (H', W'[, C]) in the burst's dtype and units, union extent, scale 1;
-      - ``(frames, {...}, "image")``: (T, H, W[, C]) per-frame reconstructions;
-      - ``(outlines, {...}, "shapes")`` (homography only): T polygons of 4 (row, col) corners, every frame's
-        border drawn on the canonical view, one colour per frame (cycling), transparent faces.
-    A multichannel, non-RGB burst (C not shown as colour) gets its channel axis in front of Y, X:
-    canonical (C, H', W'), frames (T, C, H, W); a single channel is squeezed away.
+    Images: a multichannel, non-RGB burst (C not shown as colour) gets its channel axis in front of Y, X
+    (canonical (C, H', W'), frames (T, C, H, W)); a single channel is squeezed away; the artefact's display
+    hints (colormap, contrast limits) become layer arguments. Polygons (outlines): every frame's border drawn
+    on the canonical view, one colour per frame (cycling), labelled with the frame index, transparent faces.
+    Vectors (flow): arrows (t, row, col) on the frames' grid. Each layer's ``metadata["napari_nir"]`` is the
+    fit's provenance with ``"output": {"role": ..., "convention": ..., <view>}``.
     """
-    b = fit._burst
-    channels = b.C if b.layout == "THWC" else 0
+    channels = fit.channels if fit.input_layout == "THWC" else 0
     if rgb is None:
         rgb = channels in (3, 4)
     if rgb and channels not in (3, 4):
         raise ValueError(f"rgb=True needs a burst with 3 or 4 colour channels; this one has {channels or 'none'}")
     t_scale, yx_scale = _spatial_and_time(scale, 1.0)
     t_shift, yx_shift = _spatial_and_time(translate, 0.0)
-
-    canonical, can_scale, can_shift = _channel_axes(fit.canonical("union", 1.0), channels, rgb, yx_scale, yx_shift)
-    frames, fr_scale, fr_shift = _channel_axes(fit.frames(), channels, rgb, [t_scale, *yx_scale],
-                                               [t_shift, *yx_shift])
-
-    out: list[LayerDataTuple] = [
-        (canonical, {"name": f"{source_name} canonical", "rgb": bool(rgb), "scale": can_scale,
-                     "translate": can_shift,
-                     "metadata": _metadata(fit, source_name, "canonical", extent="union", scale=1.0)}, "image"),
-        (frames, {"name": f"{source_name} frames", "rgb": bool(rgb), "scale": fr_scale, "translate": fr_shift,
-                  "visible": False, "metadata": _metadata(fit, source_name, "frames")}, "image"),
-    ]
-    if fit.is_flow:
-        out += flow_layer_data(fit, source_name, t_scale=t_scale, t_shift=t_shift, yx_scale=yx_scale,
-                               yx_shift=yx_shift)
-    else:
-        corners = fit.outlines("union", 1.0)  # (T, 4, 2) (row, col) pixels of the canonical view
-        size = max(canonical.shape[-2:] if not rgb else canonical.shape[:2])
-        n = len(corners)
-        colours = [OUTLINE_COLOURS[i % len(OUTLINE_COLOURS)] for i in range(n)]
-        out.append((
-            [c.astype(np.float64) for c in corners],
-            {"name": f"{source_name} outlines", "shape_type": "polygon", "edge_color": colours,
-             "face_color": "transparent", "edge_width": max(1.0, 0.006 * size), "scale": list(yx_scale),
-             "translate": list(yx_shift), "features": {"frame": np.arange(n)},
-             "text": {"string": "{frame}", "color": "white", "size": 9, "anchor": "upper_left"},
-             "metadata": _metadata(fit, source_name, "outlines", extent="union", scale=1.0)},
-            "shapes",
-        ))
+    place = _Placement(t_scale, yx_scale, t_shift, yx_shift, bool(rgb))
+    provenance = fit.provenance()
+    artefacts = [a for a in fit.artefacts("union", 1.0, roles=FUSION_ROLES) if a.layer]
+    canonical = next((a for a in artefacts if a.role == "canonical"), None)
+    view_size = max(np.shape(canonical.data)[:2]) if canonical is not None else None
+    out: list[LayerDataTuple] = []
+    for artefact in artefacts:
+        convert = _CONVERTERS.get(artefact.layer)
+        if convert is None:
+            raise ValueError(f"artefact {artefact.role!r}: no napari layer type {artefact.layer!r}")
+        data, kwargs = convert(artefact, place, view_size)
+        kwargs = {"name": f"{source_name} {artefact.role}", **kwargs, "visible": bool(artefact.visible),
+                  "metadata": _metadata(provenance, source_name, artefact.role, **artefact.metadata)}
+        out.append((data, kwargs, artefact.layer))
     return out
+
+
+def fusion_layer_data(fit: FusionResult, source_name: str = "burst", *, scale: Sequence[float] | None = None,
+                      translate: Sequence[float] | None = None, rgb: bool | None = None) -> list[LayerDataTuple]:
+    """A fusion result as LayerDataTuples: "<source> canonical", "<source> frames" and the alignment
+    ("<source> outlines" for a homography; "<source> flow vectors", "<source> flow magnitude" [, "<source>
+    occlusion w"] for the flow models). The same as ``result_layer_data`` (see there)."""
+    return result_layer_data(fit, source_name, scale=scale, translate=translate, rgb=rgb)
+
+
+def separation_layer_data(sep, source_name: str = "burst", *, scale: Sequence[float] | None = None,
+                          translate: Sequence[float] | None = None, rgb: bool | None = None) -> list[LayerDataTuple]:
+    """A SeparationResult as LayerDataTuples: "<source> scene", "<source> interference" [, "<source> alpha"]
+    (T, H, W[, C]) per frame, "<source> interference canonical" where the interference has a rigid layer, plus
+    the scene's fusion layers (canonical, frames, alignment; hidden but the canonical). The same as
+    ``result_layer_data`` (see there)."""
+    return result_layer_data(sep, source_name, scale=scale, translate=translate, rgb=rgb)
+
+
+def _image(artefact, place: _Placement, view_size) -> tuple[Any, dict]:
+    axes = artefact.spec.axes
+    scale, translate = place.axes(time=axes.startswith("T"))
+    data = artefact.data
+    shown_rgb = False
+    if artefact.channels:
+        n = np.shape(data)[-1]
+        shown_rgb = place.rgb and axes.endswith("[C]") and n in (3, 4)
+        data, scale, translate = _channel_axes(data, n, shown_rgb, scale, translate)
+    return data, {"rgb": shown_rgb, "scale": scale, "translate": translate, **artefact.spec.display}
+
+
+def _polygons(artefact, place: _Placement, view_size) -> tuple[Any, dict]:
+    corners = [np.asarray(c, dtype=np.float64) for c in artefact.data]  # T x (4, 2) (row, col) canonical pixels
+    n = len(corners)
+    if view_size is None:
+        points = np.concatenate(corners) if corners else np.zeros((1, 2))
+        view_size = float(np.max(np.ptp(points, axis=0)))
+    scale, translate = place.axes(time=False)
+    kwargs = {"shape_type": "polygon", "edge_color": [OUTLINE_COLOURS[i % len(OUTLINE_COLOURS)] for i in range(n)],
+              "face_color": "transparent", "edge_width": max(1.0, 0.006 * view_size), "scale": scale,
+              "translate": translate, "features": {"frame": np.arange(n)},
+              "text": {"string": "{frame}", "color": "white", "size": 9, "anchor": "upper_left"}}
+    return corners, {**kwargs, **artefact.spec.display}
+
+
+def _vectors(artefact, place: _Placement, view_size) -> tuple[Any, dict]:
+    scale, translate = place.axes(time=True)  # (N, 2, 3): start and direction in (t, row, col) pixels
+    return np.asarray(artefact.data, dtype=np.float32), {"edge_width": 0.6, "length": 1.0, "scale": scale,
+                                                          "translate": translate, **artefact.spec.display}
+
+
+_CONVERTERS = {"image": _image, "shapes": _polygons, "vectors": _vectors}
 
 
 def _channel_axes(data: np.ndarray, channels: int, rgb: bool, scale, translate):
@@ -132,70 +200,6 @@ def _channel_axes(data: np.ndarray, channels: int, rgb: bool, scale, translate):
     if channels == 1:
         return data[..., 0], scale, translate
     return np.moveaxis(data, -1, -3), [*scale[:-2], 1.0, *scale[-2:]], [*translate[:-2], 0.0, *translate[-2:]]
-
-
-def flow_layer_data(fit: FusionResult, source_name: str, *, t_scale=1.0, t_shift=0.0, yx_scale=(1.0, 1.0),
-                    yx_shift=(0.0, 0.0), step: int | None = None) -> list[LayerDataTuple]:
-    """Flow models: "<source> flow" Vectors (arrows every ``step`` pixels, per frame, frame -> canonical) and
-    "<source> flow magnitude" (T, H, W) float32 pixels, both on the frames' grid; the occlusion model adds
-    "<source> occlusion w" (T, H, W) float32 in [-1, 1]: the depth slice of every pixel (moving objects apart from
-    the background's 0)."""
-    flow = fit.flow()  # (T, H, W, 2) (d_row, d_col)
-    t, h, w, _ = flow.shape
-    step = step or max(4, min(h, w) // 24)
-    rows, cols = np.mgrid[step // 2:h:step, step // 2:w:step]
-    vectors = []
-    for k in range(t):
-        d = flow[k, rows, cols]  # (n_r, n_c, 2)
-        start = np.stack([np.full(rows.size, k), rows.ravel(), cols.ravel()], 1)
-        direction = np.concatenate([np.zeros((rows.size, 1)), d.reshape(-1, 2)], 1)
-        vectors.append(np.stack([start, direction], 1))
-    scale3, shift3 = [t_scale, *yx_scale], [t_shift, *yx_shift]
-    return [
-        (np.concatenate(vectors).astype(np.float32),
-         {"name": f"{source_name} flow", "edge_color": "yellow", "edge_width": 0.6, "length": 1.0,
-          "scale": scale3, "translate": shift3, "metadata": _metadata(fit, source_name, "flow", step=step)},
-         "vectors"),
-        (np.hypot(flow[..., 0], flow[..., 1]).astype(np.float32),
-         {"name": f"{source_name} flow magnitude", "colormap": "magma", "visible": False, "scale": scale3,
-          "translate": shift3, "metadata": _metadata(fit, source_name, "flow magnitude", unit="pixels")}, "image"),
-    ] + ([] if fit.motion != "occlusion" else [
-        (fit.occlusion_w(),
-         {"name": f"{source_name} occlusion w", "colormap": "twilight_shifted", "contrast_limits": (-1.0, 1.0),
-          "visible": False, "scale": scale3, "translate": shift3,
-          "metadata": _metadata(fit, source_name, "occlusion w", unit="depth coordinate in [-1, 1]")}, "image")])
-
-
-def separation_layer_data(sep, source_name: str = "burst", *, scale: Sequence[float] | None = None,
-                          translate: Sequence[float] | None = None, rgb: bool | None = None) -> list[LayerDataTuple]:
-    """A SeparationResult as LayerDataTuples: "<source> scene", "<source> interference" [, "<source> alpha"]
-    (T, H, W[, C]) per frame, plus the scene's fusion layers (canonical, frames, alignment)."""
-    b = sep._burst
-    channels = b.C if b.layout == "THWC" else 0
-    if rgb is None:
-        rgb = channels in (3, 4)
-    t_scale, yx_scale = _spatial_and_time(scale, 1.0)
-    t_shift, yx_shift = _spatial_and_time(translate, 0.0)
-    scale3, shift3 = [t_scale, *yx_scale], [t_shift, *yx_shift]
-    out: list[LayerDataTuple] = []
-    for name, data in sep.layers().items():
-        is_alpha = name == "alpha"
-        layer_rgb = bool(rgb) and not is_alpha
-        if channels and not layer_rgb and not is_alpha:
-            data = data[..., 0] if channels == 1 else data  # multichannel: left as (T, H, W, C) without rgb
-        kwargs = {"name": f"{source_name} {name}", "rgb": layer_rgb, "scale": scale3, "translate": shift3,
-                  "visible": name == "scene", "metadata": _metadata(sep, source_name, name)}
-        out.append((data, kwargs, "image"))
-    reflection = sep.interference_canonical()
-    if reflection is not None:  # the interference's rigid layer (a reflection) fused in its own coordinates
-        reflection, ref_scale, ref_shift = _channel_axes(reflection, channels, rgb, yx_scale, yx_shift)
-        out.append((reflection, {"name": f"{source_name} interference canonical", "rgb": bool(rgb),
-                                 "scale": ref_scale, "translate": ref_shift, "visible": False,
-                                 "metadata": _metadata(sep, source_name, "interference canonical")}, "image"))
-    fused = fusion_layer_data(sep, source_name, scale=scale, translate=translate, rgb=rgb)
-    for data, kwargs, kind in fused:
-        kwargs["visible"] = False if kind != "image" or not kwargs["name"].endswith("canonical") else True
-    return out + fused
 
 
 def owned_layers(viewer: napari.Viewer, source_name: str | None = None, role: str | None = None) -> list[Layer]:
@@ -267,15 +271,15 @@ def add_layer_data(viewer: napari.Viewer, layer_data: Sequence[LayerDataTuple]) 
 def add_result_to_viewer(viewer: napari.Viewer, fit: FusionResult, source_name: str = "burst", *,
                          scale: Sequence[float] | None = None, translate: Sequence[float] | None = None,
                          rgb: bool | None = None) -> list[Layer]:
-    """Show a fit in ``viewer``: add, or replace (ours only), "<source> canonical", "<source> frames" and
-    "<source> outlines" (homography). The console helper::
+    """Show a fit in ``viewer``: add, or replace (ours only), its layers ("<source> canonical", "<source> frames",
+    "<source> outlines" for a homography, ...; see ``result_layer_data``). The console helper::
 
         fit = napari_nir.fuse(viewer.layers["burst"].data)
         add_result_to_viewer(viewer, fit, "burst")
 
     scale/translate: the source layer's (T, Y, X) or (Y, X); when None and a layer named ``source_name`` is
     in the viewer, they are taken from it (as is ``rgb``). Returns the layers.
-    An outlines layer of ours left from an earlier homography run is removed when this fit has none.
+    Layers of ours for this source that this fit has not got (outlines after a flow fit) are removed.
     """
     from napari.layers import Image
 
@@ -284,16 +288,16 @@ def add_result_to_viewer(viewer: napari.Viewer, fit: FusionResult, source_name: 
         if isinstance(source, Image) and source.ndim >= 3:
             scale = source.scale[-3:] if scale is None else scale
             translate = source.translate[-3:] if translate is None else translate
-            if rgb is None and source.rgb and fit._burst.C in (3, 4):
+            if rgb is None and source.rgb and fit.input_layout == "THWC" and fit.channels in (3, 4):
                 rgb = True
-    to_layers = separation_layer_data if hasattr(fit, "layers") else fusion_layer_data
     return add_fusion_layer_data(viewer, source_name,
-                                 to_layers(fit, source_name, scale=scale, translate=translate, rgb=rgb))
+                                 result_layer_data(fit, source_name, scale=scale, translate=translate, rgb=rgb))
 
 
 def add_fusion_layer_data(viewer: napari.Viewer, source_name: str, layer_data: Sequence[LayerDataTuple]) -> list[Layer]:
-    """``add_layer_data`` for the output of ``fusion_layer_data``, first removing our fusion layers of this
-    source that the new result does not have (outlines after a flow fit). Returns the layers."""
+    """``add_layer_data`` for the output of ``result_layer_data`` (``fusion_layer_data``), first removing our
+    layers of this source (roles in ``FUSION_ROLES``) that the new result does not have (outlines after a flow
+    fit). Returns the layers."""
     made = {kwargs["metadata"][OWNER_KEY]["role"] for _, kwargs, _ in layer_data}
     for role in FUSION_ROLES:
         if role not in made:

@@ -1,52 +1,52 @@
 """The ``napari-nir`` command (also ``python -m napari_nir``).
 
     napari-nir fuse BURST -o OUTDIR [--motion ...] [--preset ...] [--steps N] [--device ...] [--seed S]
-                                    [--extent union|first] [--scale F] [--overwrite] [--quiet]
-    napari-nir demo [-o OUTDIR] [--steps N] [--device ...] [--overwrite]
+                                    [--extent union|first] [--scale F] [--set KEY=VALUE ...]
+                                    [--from-provenance FILE] [--overwrite] [--quiet]
+    napari-nir separate BURST --task TASK -o OUTDIR [the same options]
+    napari-nir demo [-o OUTDIR] [--steps N] [--device ...] [--set KEY=VALUE ...] [--overwrite]
+    napari-nir options
 
-Outputs (written only after the fit succeeded, all at once, never half): canonical.tif, frames.tif,
-homographies.json (homography motion) or flow.tif and flow.png (flow motions; occlusion also occlusion_w.tif),
-side_by_side.png, provenance.json; the demo
-adds input.tif. Exit codes: 0 done; 2 bad input or arguments (one line on stderr); 130 cancelled (Ctrl-C);
-1 an unexpected error (with a traceback).
+The files written are the result's artefact list (``FusionResult.artefacts``, ``core.result.ARTEFACTS``: e.g.
+canonical.tif, frames.tif, homographies.json or flow.tif and flow.png, scene.tif, ...) plus side_by_side.png and
+provenance.json (the demo adds input.tif); all at once after the fit succeeded, never half. ``--set`` takes any
+option of ``napari-nir options``; ``--from-provenance`` repeats a recorded fit. Exit codes: 0 done; 2 bad input
+or arguments (one line on stderr); 130 cancelled (Ctrl-C); 1 an unexpected error (with a traceback).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
+import json
 import math
 import os
 import shutil
 import sys
 import tempfile
+import typing
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-PROG = "napari-nir"
-# The choices offered on the command line come from the core's tables (motions, presets, tasks).
-from .core.fit import MOTIONS, PRESETS  # noqa: E402
-from .core.tasks import TASKS  # noqa: E402
+# The choices offered on the command line come from the core's tables (motions, presets, tasks, options).
+from .core.config import PRESETS, parse_value
+from .core.config import options as config_options
+from .core.motions import MOTIONS as MOTION_TABLE
+from .core.tasks import TASKS
 
+PROG = "napari-nir"
+MOTIONS = tuple(MOTION_TABLE)  # names
 EXTENTS = ("union", "first")
 DEVICES_HELP = "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps"
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
                NotADirectoryError)
-
-INTERFERENCE_HOMOGRAPHY_CONVENTION = (
-    "the interference's rigid layer (a reflection), if 'found': homographies[t] maps a pixel (col, row, 1) of input "
-    "frame t to the pixel (col, row, w) of that layer's own frame-sized view (divide by w); frame t -> frame s is "
-    "inv(H[s]) @ H[t]; 'score' is how far the residuals' correlation peak stood out, in standard deviations (>= rigid_layer_score, 10 by default: found)")
-HOMOGRAPHY_CONVENTION = (
-    "homographies[t] is a 3x3 matrix mapping a pixel (col, row, 1) of input frame t to the pixel (col, row, w) of "
-    "the canonical view described under 'canonical' (divide by w); pixel centres are at integer coordinates, "
-    "(0, 0) is the centre of the top-left pixel; frame t -> frame s is inv(H[s]) @ H[t]"
-)
-OCCLUSION_W_CONVENTION = ("occlusion_w.tif is (T, H, W) float32 in [-1, 1]: each frame pixel's depth coordinate w in "
-                          "the occlusion model's 3-D canonical; the background sits at 0, moving objects elsewhere")
-FLOW_CONVENTION = ("flow.tif is (T, H, W, 2) float32: the displacement (d_row, d_col) in pixels from each frame "
-                   "pixel to the canonical view")
+CLI_FILES = ("side_by_side.png", "provenance.json")  # written by the command itself, besides the artefacts
+NAMED = ("motion", "preset", "steps", "seed", "device")  # options with a flag of their own (and task: --task)
+FLAGS = {"fuse": set(NAMED), "separate": set(NAMED), "demo": {"steps", "device"}}
 
 
 class CLIError(Exception):
@@ -85,24 +85,44 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _help_text(text: str) -> str:
+    return text.replace("%", "%%")  # argparse formats help strings with %
+
+
+def _entries(table, escape: bool = True) -> str:
+    """'name (description), ...' of a motion or task table, for help texts (``escape``: for an argument's help,
+    which argparse %-formats; descriptions and epilogs are not)."""
+    text = ", ".join(f"{name} ({entry.description.rstrip('.')})" for name, entry in table.items())
+    return _help_text(text) if escape else text
+
+
 def _add_fit_options(p: argparse.ArgumentParser, *, full: bool) -> None:
+    recorded = " or the recorded one" if full else ""
     p.add_argument("--steps", type=_positive_int, default=None, metavar="N",
-                   help="optimisation steps (default: the preset's; fewer is faster and blurrier)")
-    p.add_argument("--device", default="auto", metavar="DEVICE",
-                   help=f"where to fit: {DEVICES_HELP} (default: auto)")
+                   help=f"optimisation steps (default: the preset's{recorded}; fewer is faster and blurrier)")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help=f"where to fit: {DEVICES_HELP} (default: auto{recorded})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set",
+                   help=f"any fit option (repeatable), by its name or section.attribute, e.g. --set batch=8192 "
+                        f"--set loss=mse; '{PROG} options' lists them with their types and defaults")
     p.add_argument("--overwrite", action="store_true", help="replace outputs already in OUTDIR (refused otherwise)")
     if full:
-        p.add_argument("--seed", type=_nonnegative_int, default=0, metavar="S",
-                       help="random seed; the same seed, input and device give the same result (default: 0)")
-        p.add_argument("--extent", choices=EXTENTS, default="union",
+        p.add_argument("--seed", type=_nonnegative_int, default=None, metavar="S",
+                       help="random seed; the same seed, input and device give the same result (default: 0 or the "
+                            "recorded one)")
+        p.add_argument("--extent", choices=EXTENTS, default=None,
                        help="canonical.tif covers every frame (union, default) or frame 0's field of view (first)")
-        p.add_argument("--scale", type=_positive_float, default=1.0, metavar="F",
+        p.add_argument("--scale", type=_positive_float, default=None, metavar="F",
                        help="canonical.tif pixels per input pixel; 2 renders it at twice the resolution (default: 1)")
+        p.add_argument("--from-provenance", default=None, metavar="FILE", dest="from_provenance",
+                       help="repeat the fit recorded in FILE (the provenance.json of an earlier run, one of its TIFFs "
+                            "or a saved result .npz) on BURST: its motion, preset, steps, seed, device and every "
+                            "option; flags and --set given here replace single values")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``napari-nir`` command (subcommands ``fuse`` and ``demo``)."""
+    """The argument parser of the ``napari-nir`` command (subcommands fuse, separate, demo, options)."""
     from ._version import __version__
 
     parser = argparse.ArgumentParser(
@@ -116,22 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     fuse = sub.add_parser(
         "fuse", help="fuse a burst (multi-page TIFF or folder of frames) into OUTDIR",
-        description="Fuse a burst into one canonical view aligned by a learned motion model, and write "
-                    "canonical.tif, frames.tif, homographies.json (homography) or flow.tif and flow.png (flow, "
-                    "occlusion; occlusion also occlusion_w.tif, each pixel's depth slice), "
-                    "side_by_side.png and provenance.json into OUTDIR.",
-        epilog=f"motion models: {', '.join(MOTIONS)}; presets: {', '.join(PRESETS)}. Example: "
-               f"{PROG} fuse burst.tif -o out/ --motion homography --steps 400",
+        description="Fuse a burst into one canonical view aligned by a learned motion model, and write the "
+                    "result's artefacts into OUTDIR: canonical.tif, frames.tif, homographies.json (homography) or "
+                    "flow.tif and flow.png (flow, occlusion; occlusion also occlusion_w.tif, each pixel's depth "
+                    "slice), plus side_by_side.png and provenance.json.",
+        epilog=f"motion models: {_entries(MOTION_TABLE, escape=False)}; presets: {', '.join(PRESETS)}. Examples: "
+               f"{PROG} fuse burst.tif -o out/ --motion homography --steps 400 --set batch=8192; "
+               f"{PROG} fuse other.tif -o out2/ --from-provenance out/provenance.json",
     )
     fuse.add_argument("burst", metavar="BURST",
                       help="a multi-page TIFF (T, H, W[, C]), a .npy array, or a folder of frames "
                            "(.png, .jpg, .tif; sorted naturally: frame2 before frame10)")
     fuse.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the outputs (created)")
-    fuse.add_argument("--motion", choices=MOTIONS, default="homography",
-                      help="motion model: homography (one 3x3 per frame: rotations, pans, flat scenes), flow "
-                           "(non-rigid per-pixel flow), occlusion (flow that lets objects hide the background) "
-                           "(default: homography)")
-    fuse.add_argument("--preset", choices=PRESETS, default="fast",
+    fuse.add_argument("--motion", choices=MOTIONS, default=None,
+                      help=f"motion model: {_entries(MOTION_TABLE)} (default: homography)")
+    fuse.add_argument("--preset", choices=PRESETS, default=None,
                       help="fast (multiresolution grid field, seconds to minutes on a CPU) or paper (the official "
                            "SIREN configuration, slow; a GPU is advised) (default: fast)")
     _add_fit_options(fuse, full=True)
@@ -147,26 +166,35 @@ def build_parser() -> argparse.ArgumentParser:
                       help="folder for the outputs (default: ./nir-demo)")
     _add_fit_options(demo, full=False)
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
-    demo.set_defaults(handler=_cmd_demo, motion="homography", preset="fast", seed=0, extent="union", scale=1.0)
+    demo.set_defaults(handler=_cmd_demo, motion=None, preset=None, seed=None, extent=None, scale=None,
+                      from_provenance=None)
 
     task_lines = "; ".join(f"{t.name}: {t.description}" for t in TASKS.values())
     separate = sub.add_parser(
         "separate", help="split a burst into a scene and an interference layer (" + ", ".join(TASKS) + ")",
         description="Separate a burst into the scene (following the motion model) and an interference layer, and "
-                    "write scene.tif, interference.tif, alpha.tif (fence, rain), canonical.tif (the scene fused), "
-                    "side_by_side.png and provenance.json into OUTDIR; reflection (fast preset) also "
-                    "interference_homographies.json and, where the reflection moves rigidly, "
-                    "interference_canonical.tif (the reflection fused).",
+                    "write the result's artefacts into OUTDIR: scene.tif, interference.tif, alpha.tif (fence, "
+                    "rain), canonical.tif (the scene fused), frames.tif (the recomposed input), the scene's "
+                    "alignment (homographies.json, or flow.tif and flow.png), side_by_side.png and "
+                    "provenance.json; reflection (fast preset) also interference_homographies.json and, where the "
+                    "reflection moves rigidly, interference_canonical.tif (the reflection fused).",
         epilog=f"tasks: {task_lines}",
     )
     separate.add_argument("burst", metavar="BURST", help="a multi-page TIFF, a .npy array, or a folder of frames")
-    separate.add_argument("--task", required=True, choices=tuple(TASKS), help="what to remove")
+    separate.add_argument("--task", default=None, choices=tuple(TASKS),
+                          help=f"what to remove: {_entries(TASKS)} (required unless --from-provenance records it)")
     separate.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the outputs (created)")
     separate.add_argument("--motion", choices=MOTIONS, default=None,
-                          help="the scene's motion model (default: the task's)")
-    separate.add_argument("--preset", choices=PRESETS, default="fast", help="fast or paper (default: fast)")
+                          help=f"the scene's motion model: {_entries(MOTION_TABLE)} (default: the task's)")
+    separate.add_argument("--preset", choices=PRESETS, default=None, help="fast or paper (default: fast)")
     _add_fit_options(separate, full=True)
     separate.set_defaults(handler=_cmd_separate)
+
+    opts = sub.add_parser(
+        "options", help="list every fit option (for --set KEY=VALUE) with its type, default and description",
+        description="Every option a fit takes, by section: its name for --set (or section.attribute), its type, "
+                    "its default (presets, motions and tasks change some) and what it does.")
+    opts.set_defaults(handler=_cmd_options)
     return parser
 
 
@@ -181,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0) if isinstance(exc.code, (int, type(None))) else EXIT_USAGE
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: choose a command: fuse, separate or demo (see '{PROG} --help')", file=sys.stderr)
+        print(f"{PROG}: error: choose a command: fuse, separate, demo or options (see '{PROG} --help')",
+              file=sys.stderr)
         return EXIT_USAGE
     try:
         return args.handler(args)
@@ -198,19 +227,220 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+# -- option values ----------------------------------------------------------------------------------
+
+def _resolve_option(key: str):
+    """The Option called ``key`` (flat name or section.attribute), or a CLIError naming close matches."""
+    every = config_options()
+    if key in every:
+        return every[key]
+    for opt in every.values():
+        if opt.path == key:
+            return opt
+    names = list(every) + [opt.path for opt in every.values()]
+    close = difflib.get_close_matches(key, names, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise CLIError(f"--set {key}: unknown option{hint}; '{PROG} options' lists every option")
+
+
+def _parse_sets(items: list[str]) -> dict:
+    """{flat name: typed value} of the --set KEY=VALUE arguments (later ones win)."""
+    values = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise CLIError(f"--set {item!r}: expected KEY=VALUE, e.g. --set batch=8192; '{PROG} options' lists "
+                           "the keys")
+        opt = _resolve_option(key)
+        try:
+            values[opt.flat] = parse_value(opt.flat, text)
+        except ValueError as exc:
+            raise CLIError(f"--set {item}: {_one_line(exc)}") from None
+    return values
+
+
+def format_value(value) -> str:
+    """An option value as ``--set KEY=VALUE`` text that ``parse_value`` reads back to the same value."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    if isinstance(value, (tuple, list)):
+        return ",".join(repr(float(v)) for v in value)
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _type_name(opt) -> str:
+    if opt.choices is not None:
+        return " | ".join(str(c) for c in opt.choices)
+    annotation = opt.annotation
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        return f"{getattr(inner, '__name__', inner)} | none"
+    if typing.get_origin(annotation) is tuple:
+        return "low,high"
+    if annotation is dict:
+        return "JSON object"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _cmd_options(args) -> int:
+    print("Fit options, for '--set KEY=VALUE' (KEY: the name, or section.attribute). Defaults before presets, "
+          "motions and tasks change them; every run records its values in provenance.json.")
+    section = None
+    for opt in config_options().values():
+        if opt.section != section:
+            section = opt.section
+            print(f"\n{section}")
+        bounds = []
+        if opt.low is not None:
+            bounds.append(f"{'>' if opt.low_open else '>='} {opt.low:g}")
+        if opt.high is not None:
+            bounds.append(f"<= {opt.high:g}")
+        limits = f", {' and '.join(bounds)}" if bounds else ""
+        print(f"  {opt.flat} ({opt.path}): {_type_name(opt)}{limits}; default {format_value(opt.default)}")
+        print(f"      {opt.doc}")
+    return EXIT_OK
+
+
+# -- what to run ------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """A resolved command: ``call`` the keyword arguments of napari_nir.fuse / separate (task included for a
+    separation), ``config`` the FitConfig they make (known before fitting), the canonical view to write."""
+
+    kind: str  # "fuse", "separate" or "demo"
+    call: dict
+    config: object
+    extent: str = "union"
+    scale: float = 1.0
+    record: str | None = None  # --from-provenance
+    declared: list = field(default_factory=list)
+
+
+def _read_provenance(path) -> dict:
+    """The provenance record in a provenance.json, a napari-nir TIFF or a saved result (.npz)."""
+    from . import io
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such provenance file: {p}")
+    suffix = p.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        _, record = io.read_tiff(p)
+    elif suffix == ".npz":
+        import napari_nir
+
+        record = napari_nir.load(p, device="cpu").provenance()
+    else:
+        try:
+            record = json.loads(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CLIError(f"{p} is not a JSON provenance record ({exc})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("parameters"), dict):
+        raise CLIError(f"{p} holds no napari-nir provenance record (a 'parameters' dict); give the provenance.json "
+                       "of an earlier run, one of its TIFFs or a saved result .npz")
+    return record
+
+
+def _recorded_call(path, kind: str) -> tuple[dict, dict]:
+    """(keyword arguments, canonical view) of the fit recorded in ``path``, for a ``kind`` command."""
+    from .core.provenance import fuse_kwargs_from_provenance, separate_kwargs_from_provenance
+
+    record = _read_provenance(path)
+    recorded_task = record["parameters"].get("task") or ""
+    if kind == "fuse" and recorded_task:
+        raise CLIError(f"{path} records a separation (task {recorded_task}); repeat it with "
+                       f"'{PROG} separate BURST -o OUTDIR --from-provenance {path}'")
+    if kind == "separate" and not recorded_task:
+        raise CLIError(f"{path} records a fusion, not a separation; repeat it with "
+                       f"'{PROG} fuse BURST -o OUTDIR --from-provenance {path}'")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call = (separate_kwargs_from_provenance if kind == "separate" else fuse_kwargs_from_provenance)(record)
+    for w in caught:
+        print(f"{PROG}: warning: {_one_line(w.message)}", file=sys.stderr)
+    view = record.get("canonical") if isinstance(record.get("canonical"), dict) else {}
+    if not view and record.get("output") == "canonical":  # a canonical.tif's own record
+        view = record
+    return call, {k: view[k] for k in ("extent", "scale") if k in view}
+
+
+def _agree(name: str, flag, value):
+    if flag is not None and flag != value:
+        raise CLIError(f"--{name} {flag} and --set {name}={format_value(value)} disagree; give one of them")
+    return value
+
+
+def _plan(args, kind: str) -> Plan:
+    """Resolve the run: defaults < --from-provenance < flags < --set; check the configuration it makes."""
+    from .core.presets import preset_config, separation_config
+    from .core.result import artefact_files
+
+    sets = _parse_sets(args.set)
+    call: dict = {"motion": None if kind == "separate" else "homography", "preset": "fast", "steps": None,
+                  "seed": 0, "device": "auto"}
+    view: dict = {}
+    if args.from_provenance:
+        recorded, view = _recorded_call(args.from_provenance, kind)
+        call.update(recorded)
+    task = call.pop("task", None)
+    if "task" in sets:
+        if kind != "separate":
+            raise CLIError(f"--set task: a task makes a separation; use '{PROG} separate BURST --task NAME'")
+        task = _agree("task", args.task, sets.pop("task"))
+    elif kind == "separate" and args.task is not None:
+        task = args.task
+    if kind == "separate" and not task:
+        raise CLIError(f"choose what to remove with --task ({', '.join(TASKS)})")
+    for name in NAMED:
+        flag = getattr(args, name, None)
+        if name in sets:
+            call[name] = _agree(name, flag, sets.pop(name))
+        elif flag is not None:
+            call[name] = flag
+    call.update(sets)
+    options = {k: v for k, v in call.items() if k not in ("motion", "preset")}
+    if kind == "separate":
+        config = separation_config(task, call["preset"], call["motion"], **options)
+        call = {"task": task, **call}
+    else:
+        config = preset_config(call["motion"], call["preset"], **options)
+    config.validate()
+    extent = args.extent or view.get("extent") or "union"
+    scale = args.scale if args.scale is not None else view.get("scale", 1.0)
+    declared = artefact_files(config) + list(CLI_FILES) + (["input.tif"] if kind == "demo" else [])
+    return Plan(kind, call, config, extent, scale, args.from_provenance, declared)
+
+
 # -- commands ---------------------------------------------------------------------------------------
 
 def _cmd_fuse(args) -> int:
+    return _run_fit(args, "fuse")
+
+
+def _cmd_separate(args) -> int:
+    return _run_fit(args, "separate")
+
+
+def _run_fit(args, kind: str) -> int:
     from . import io
 
     outdir = Path(args.output)
-    names = _output_names(args.motion, demo=False)
-    _check_outputs(outdir, names, args.overwrite)
+    plan = _plan(args, kind)
+    _check_outputs(outdir, plan.declared, args.overwrite)
     burst = io.read_burst(args.burst)
     _check_burst_shape(burst, args.burst)
-    fit = _fit(burst, args)
-    files = _render_outputs(fit, burst, args, source=os.fspath(args.burst))
-    written = _write_all(outdir, files, args.overwrite)
+    fit = _fit(burst, args, plan)
+    files = _render_outputs(fit, burst, args, plan, source=os.fspath(args.burst))
+    written = _write_all(outdir, files, args.overwrite, stale=[n for n in plan.declared if n not in files])
     _report(fit, written, outdir)
     return EXIT_OK
 
@@ -219,12 +449,12 @@ def _cmd_demo(args) -> int:
     from ._sample_data import homography_burst
 
     outdir = Path(args.output)
-    names = _output_names(args.motion, demo=True)
-    _check_outputs(outdir, names, args.overwrite)
+    plan = _plan(args, "demo")
+    _check_outputs(outdir, plan.declared, args.overwrite)
     sample = homography_burst()
     burst = sample.frames
-    fit = _fit(burst, args)
-    files = _render_outputs(fit, burst, args, source="napari_nir._sample_data.homography_burst()")
+    fit = _fit(burst, args, plan)
+    files = _render_outputs(fit, burst, args, plan, source="napari_nir._sample_data.homography_burst()")
     error = _corner_error(fit.homographies, sample.homographies, burst.shape[1:3])
     prov = files["provenance.json"][1]
     if error is not None:
@@ -236,61 +466,11 @@ def _cmd_demo(args) -> int:
                                           "ground_truth_convention": "frame-t pixel (col, row, 1) -> world pixel"},
                           burst.ndim == 4)
     prov["outputs"] = sorted(files)
-    written = _write_all(outdir, files, args.overwrite)
+    written = _write_all(outdir, files, args.overwrite, stale=[n for n in plan.declared if n not in files])
     _report(fit, written, outdir)
     if error is not None:
         print(f"alignment error against the ground truth: {error:.3f} px (mean frame-corner distance)")
     print(f"open them in napari: napari {outdir / 'input.tif'} {outdir / 'canonical.tif'}")
-    return EXIT_OK
-
-
-def _output_names(motion: str, *, demo: bool) -> list[str]:
-    alignment = ["homographies.json"] if motion == "homography" else ["flow.tif", "flow.png"]
-    alignment += ["occlusion_w.tif"] if motion == "occlusion" else []
-    names = ["canonical.tif", "frames.tif", *alignment, "side_by_side.png", "provenance.json"]
-    return names + ["input.tif"] if demo else names
-
-
-def _cmd_separate(args) -> int:
-    from . import io
-    from .core.fit import separation_config
-    from .core.tasks import get_task
-
-    task = get_task(args.task)
-    outdir = Path(args.output)
-    names = [f"{layer}.tif" for layer in task.layers] + ["canonical.tif", "side_by_side.png", "provenance.json"]
-    rigid_layer = separation_config(task.name, args.preset, args.motion).interference_motion != "none"
-    if rigid_layer:
-        names += ["interference_homographies.json", "interference_canonical.tif"]
-    _check_outputs(outdir, names, args.overwrite)
-    burst = io.read_burst(args.burst)
-    _check_burst_shape(burst, args.burst)
-    sep = _fit(burst, args, task=task.name)
-    prov = dict(sep.provenance())
-    channels = np.ndim(burst) == 4
-    layers = sep.layers()
-    files = {f"{name}.tif": ("tiff", layers[name], {**prov, "output": name}, channels and name != "alpha")
-             for name in task.layers}
-    canonical = sep.canonical(extent=args.extent, scale=args.scale)
-    files["canonical.tif"] = ("tiff", canonical, {**prov, "output": "canonical", "extent": args.extent,
-                                                  "scale": args.scale}, channels)
-    if rigid_layer:
-        matrices = sep.interference_homographies
-        files["interference_homographies.json"] = ("json", {
-            "convention": INTERFERENCE_HOMOGRAPHY_CONVENTION, **sep.rigid_layer(),
-            "homographies": None if matrices is None else matrices.tolist()}, None, None)
-        if matrices is not None:
-            files["interference_canonical.tif"] = ("tiff", sep.interference_canonical(),
-                                                   {**prov, "output": "interference canonical"}, channels)
-        elif args.overwrite:  # a stale one from an earlier run would contradict the JSON
-            (outdir / "interference_canonical.tif").unlink(missing_ok=True)
-    files["side_by_side.png"] = ("png", io.side_by_side([np.asarray(burst[0]), layers["scene"][0],
-                                                         layers["interference"][0]]), None, None)
-    files["provenance.json"] = ("json", {**prov, "source": os.fspath(args.burst), "command": [PROG, *_argv_used(args)],
-                                         "outputs": sorted(files) + ["provenance.json"],
-                                         "history": list(sep.history)}, None, None)
-    written = _write_all(outdir, files, args.overwrite)
-    _report(sep, written, outdir)
     return EXIT_OK
 
 
@@ -312,8 +492,8 @@ def _check_burst_shape(burst: np.ndarray, source) -> None:
                        "a multi-page TIFF (T, H, W[, C]) or a folder with one image per frame")
 
 
-def _fit(burst, args, task: str | None = None):
-    """Run napari_nir.fuse (or separate, given a task) with a tqdm progress bar on stderr (unless --quiet)."""
+def _fit(burst, args, plan: Plan):
+    """Run napari_nir.fuse (or separate) with a tqdm progress bar on stderr (unless --quiet)."""
     import napari_nir
 
     bar = None
@@ -333,83 +513,103 @@ def _fit(burst, args, task: str | None = None):
         return None
 
     try:
-        if task is not None:
-            return napari_nir.separate(burst, task, motion=args.motion, preset=args.preset, steps=args.steps,
-                                       device=args.device, seed=args.seed, callback=progress)
-        return napari_nir.fuse(burst, args.motion, preset=args.preset, steps=args.steps, device=args.device,
-                               seed=args.seed, callback=progress)
+        if plan.kind == "separate":
+            return napari_nir.separate(burst, callback=progress, **plan.call)
+        return napari_nir.fuse(burst, callback=progress, **plan.call)
     finally:
         if bar is not None:
             bar.close()
 
 
-def _render_outputs(fit, burst, args, *, source: str) -> dict:
-    """{file name: (kind, payload, metadata, channels)} for every output; nothing is written here."""
+def _artefact_file(artefact, prov: dict) -> tuple:
+    """(kind, payload, metadata, channels) of the file of one artefact, by the file's suffix."""
     from . import io
 
-    prov = dict(fit.provenance())
-    channels = np.ndim(burst) == 4
-    canonical = fit.canonical(extent=args.extent, scale=args.scale)
-    frames = fit.frames()
-    view = {"extent": args.extent, "scale": args.scale, "shape": list(np.shape(canonical))}
-    files = {
-        "canonical.tif": ("tiff", canonical, {**prov, "output": "canonical", **view}, channels),
-        "frames.tif": ("tiff", frames, {**prov, "output": "frames"}, channels),
-    }
-    if args.motion == "homography":
-        matrices, target = _canonical_homographies(fit, args.extent, args.scale)
-        files["homographies.json"] = ("json", {"convention": HOMOGRAPHY_CONVENTION, "canonical": target,
-                                               "homographies": matrices.tolist()}, None, None)
-    else:
-        flow = np.asarray(fit.flow(), dtype=np.float32)
-        files["flow.tif"] = ("tiff", flow, {**prov, "output": "flow", "convention": FLOW_CONVENTION}, True)
-        from .core.render import flow_to_rgb
+    suffix = Path(artefact.file).suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        return ("tiff", np.asarray(artefact.data), {**prov, "output": artefact.role, **artefact.metadata},
+                bool(artefact.channels))
+    if suffix == ".json":
+        return ("json", artefact.data, None, None)
+    if suffix == ".png":
+        images = list(artefact.data) if artefact.kind == "colour images" else [artefact.data]
+        return ("png", io.side_by_side(images), None, None)
+    raise RuntimeError(f"artefact {artefact.role!r}: no writer for {artefact.file!r}")
 
-        files["flow.png"] = ("png", io.side_by_side([flow_to_rgb(f, max_magnitude=np.abs(flow).max() + 1e-6)
-                                                    for f in flow]), None, None)
-    if fit.motion == "occlusion":
-        files["occlusion_w.tif"] = ("tiff", fit.occlusion_w(), {**prov, "output": "occlusion_w",
-                                                                 "convention": OCCLUSION_W_CONVENTION}, False)
-    files["side_by_side.png"] = ("png", io.side_by_side([np.asarray(burst[0]), canonical]), None, None)
-    prov_doc = {**prov, "source": source, "command": [PROG, *_argv_used(args)],
+
+def _side_by_side_panels(fit, burst, by_role: dict) -> list:
+    """The input's first frame next to what the run is for: the scene and interference of a separation, else
+    the canonical view."""
+    roles = ("scene", "interference") if fit.config.task else ("canonical",)
+    panels = [np.asarray(burst[0])]
+    for role in roles:
+        if role in by_role:
+            artefact = by_role[role]
+            data = np.asarray(artefact.data)
+            panels.append(data[0] if artefact.spec.axes.startswith("T") else data)
+    return panels
+
+
+def _render_outputs(fit, burst, args, plan: Plan, *, source: str) -> dict:
+    """{file name: (kind, payload, metadata, channels)} for every output; nothing is written here."""
+    from . import io
+    from .core.result import ARTEFACTS
+
+    prov = dict(fit.provenance())
+    roles = [role for role, spec in ARTEFACTS.items() if spec.file]
+    artefacts = [a for a in fit.artefacts(extent=plan.extent, scale=plan.scale, roles=roles) if a.file]
+    files = {a.file: _artefact_file(a, prov) for a in artefacts}
+    by_role = {a.role: a for a in artefacts}
+    files["side_by_side.png"] = ("png", io.side_by_side(_side_by_side_panels(fit, burst, by_role)), None, None)
+    canonical = by_role.get("canonical")
+    view = ({k: v for k, v in canonical.metadata.items() if k != "convention"} if canonical is not None
+            else {"extent": plan.extent, "scale": plan.scale})
+    prov_doc = {**prov, "source": source, "command": [PROG, *_command(args, fit, plan)],
                 "outputs": sorted(set(files) | {"provenance.json"}), "canonical": view,
                 "history": list(getattr(fit, "history", []))}
+    if plan.record:
+        prov_doc["from_provenance"] = os.fspath(plan.record)
     files["provenance.json"] = ("json", prov_doc, None, None)
     return files
 
 
-def _canonical_homographies(fit, extent: str, scale: float):
-    """(T, 3, 3) frame pixel -> pixel of the canonical.tif written, and a description of that target."""
-    matrices = np.asarray(fit.homographies, dtype=np.float64)
-    target = {"file": "canonical.tif", "extent": extent, "scale": scale}
-    if (extent, scale) != ("union", 1.0):
-        if hasattr(fit, "canonical_transform"):
-            to_written = np.linalg.inv(np.asarray(fit.canonical_transform(extent, scale), dtype=np.float64))
-            from_union = np.asarray(fit.canonical_transform("union", 1.0), dtype=np.float64)
-            matrices = np.einsum("ij,jk,tkl->til", to_written, from_union, matrices)
-            matrices = matrices / matrices[:, 2:3, 2:3]
-        else:  # a result without the transform: the matrices stay in the union view at scale 1
-            target = {"file": None, "extent": "union", "scale": 1.0}
-    return matrices, target
+def _command(args, fit, plan: Plan) -> list[str]:
+    """The arguments that repeat this run: the flags, then --set for every option that differs from what the
+    motion, preset and task give (whether it came from --set or --from-provenance)."""
+    from .core.presets import preset_config, separation_config
 
-
-def _argv_used(args) -> list[str]:
-    if args.command == "demo":
+    config = fit.config
+    params = config.to_dict()
+    flags = FLAGS[plan.kind]
+    if plan.kind == "demo":
         out = ["demo", "-o", str(args.output)]
-    elif args.command == "separate":
-        out = ["separate", str(args.burst), "--task", args.task, "-o", str(args.output), "--preset", args.preset,
-               "--seed", str(args.seed)] + (["--motion", args.motion] if args.motion else [])
+        baseline = preset_config("homography", "fast")
+    elif plan.kind == "separate":
+        out = ["separate", str(args.burst), "--task", config.task, "-o", str(args.output)]
+        baseline = separation_config(config.task, config.preset, params["motion"])
     else:
-        out = ["fuse", str(args.burst), "-o", str(args.output), "--motion", args.motion, "--preset", args.preset,
-               "--seed", str(args.seed), "--extent", args.extent, "--scale", f"{args.scale:g}"]
-    if args.steps is not None:
-        out += ["--steps", str(args.steps)]
-    return out + ["--device", args.device]
+        out = ["fuse", str(args.burst), "-o", str(args.output)]
+        baseline = preset_config(params["motion"], config.preset)
+    if "motion" in flags:
+        out += ["--motion", str(params["motion"]), "--preset", str(config.preset), "--seed", str(config.seed)]
+    if plan.kind != "demo":
+        out += ["--extent", plan.extent, "--scale", f"{plan.scale:g}"]
+    out += ["--steps", str(config.steps), "--device", str(plan.call.get("device", "auto"))]
+    base = baseline.to_dict()
+    for flat, value in params.items():
+        if flat in flags or flat in ("task", "device"):
+            continue
+        if value != base.get(flat):
+            out += ["--set", f"{flat}={format_value(value)}"]
+    return out
 
 
-def _write_all(outdir: Path, files: dict, overwrite: bool) -> list[Path]:
+def _write_all(outdir: Path, files: dict, overwrite: bool, stale: list[str] = ()) -> list[Path]:
     """Write every output into a hidden staging folder inside ``outdir``, then move them in; all or nothing
-    (an error or Ctrl-C while writing leaves ``outdir`` as it was, apart from its creation)."""
+    (an error or Ctrl-C while writing leaves ``outdir`` as it was, apart from its creation). ``stale``: files
+    this kind of run may write that this result has none of (e.g. interference_canonical.tif when no rigid
+    layer was found); with ``overwrite``, an old one is removed once the new files are in, so that it cannot
+    contradict them."""
     from . import io
 
     outdir.mkdir(parents=True, exist_ok=True)
@@ -428,6 +628,10 @@ def _write_all(outdir: Path, files: dict, overwrite: bool) -> list[Path]:
         for name in files:
             os.replace(staging / name, outdir / name)
             written.append(outdir / name)
+        if overwrite:
+            for name in stale:
+                if name not in files:
+                    (outdir / name).unlink(missing_ok=True)
         return written
     finally:
         with contextlib.suppress(OSError):
