@@ -235,7 +235,7 @@ def test_flow_run_replaces_homography_layers(make_napari_viewer, qtbot, frames, 
     widget.run()
     _wait(qtbot, widget)
     assert not notes["error"], notes["error"]
-    assert _names(viewer) == ["burst", "burst canonical", "burst frames", "burst flow", "burst flow magnitude"]
+    assert _names(viewer) == ["burst", "burst canonical", "burst frames", "burst flow vectors", "burst flow magnitude"]
     assert "burst outlines" not in viewer.layers  # stale outlines removed
     assert viewer.layers["burst canonical"].metadata[META_KEY]["parameters"]["motion"] == "flow"
 
@@ -353,7 +353,7 @@ def _viewer_with_fit(make_napari_viewer, frames, motion):
 
 def test_flow_fit_gives_vectors_and_magnitude(make_napari_viewer, frames):
     viewer, _ = _viewer_with_fit(make_napari_viewer, frames, "flow")
-    vectors = viewer.layers["burst flow"]
+    vectors = viewer.layers["burst flow vectors"]
     assert type(vectors).__name__ == "Vectors" and vectors.data.shape[1:] == (2, 3)
     assert viewer.layers["burst flow magnitude"].data.shape == (4, 48, 48)
     assert "burst outlines" not in _names(viewer)
@@ -422,3 +422,110 @@ def test_occlusion_fit_adds_its_depth_map(make_napari_viewer, frames):
     np.testing.assert_array_equal(w.data, fit.occlusion_w())
     add_result_to_viewer(viewer, nir.fuse(frames, "flow", steps=10, device="cpu", **FAST), "burst")
     assert "burst occlusion w" not in _names(viewer)  # a later flow fit of the same source replaces it
+
+
+# -- one widget class configured by a spec: names, Advanced options -----------------------------------------
+MAIN_CONTROLS = {"motion", "preset", "steps", "seed", "device", "task"}
+
+
+def _small_burst(task="rain"):
+    from napari_nir._sample_data import separation_burst
+
+    return separation_burst(task, 3, (32, 32)).frames  # (3, 32, 32, 3)
+
+
+def test_separate_widget_speaks_its_own_name(make_napari_viewer, notes):
+    from napari_nir._widgets import SEPARATE_SPEC, SeparateWidget
+
+    viewer = make_napari_viewer()
+    widget = SeparateWidget(viewer)
+    assert widget.spec is SEPARATE_SPEC and widget.spec.title == "Separate layers"
+    assert widget.run() is None  # no layer
+    flat = viewer.add_image(np.random.rand(32, 32).astype(np.float32), name="flat")
+    widget.layer.value = flat
+    assert widget.run() is None  # a single 2-D image
+    assert len(notes["error"]) == 2
+    assert notes["error"][0].startswith("Separate layers: no image layer to separate")
+    assert notes["error"][1].startswith("Separate layers: ") and "Separate layers needs" in notes["error"][1]
+    assert "single 2-D image" in notes["error"][1]
+    assert not any("Fuse" in m for kind in notes.values() for m in kind), notes
+    with pytest.raises(TypeError, match="Separate layers needs an Image layer"):
+        burst_data(viewer.add_labels(np.zeros((3, 8, 8), np.uint8)), "Separate layers")
+    with pytest.raises(ValueError, match="Fuse burst needs"):  # the default title
+        burst_data(flat)
+
+
+def test_advanced_options_are_generated_from_the_config(make_napari_viewer, qtbot, notes):
+    from napari_nir._widgets import SeparateWidget
+    from napari_nir.core.config import options
+
+    viewer = make_napari_viewer()
+    fuse, separate = FuseWidget(viewer), SeparateWidget(viewer)
+    every = options()
+    assert list(separate.advanced_options) == [flat for flat in every if flat not in MAIN_CONTROLS]
+    assert list(fuse.advanced_options) == [flat for flat, opt in every.items()
+                                           if flat not in MAIN_CONTROLS and opt.section != "separation"]
+    for flat, field in separate.advanced_options.items():
+        assert every[flat].doc in field.tooltip and field.value == ""  # empty: the preset's value
+        if every[flat].choices:
+            assert list(field.choices) == ["", *every[flat].choices]
+    assert separate.advanced.root_native_widget.isHidden()  # compact by default
+    separate.advanced_toggle.value = True
+    assert not separate.advanced.root_native_widget.isHidden()
+    separate.advanced_toggle.value = False
+    assert separate.advanced.root_native_widget.isHidden()
+
+    layer = viewer.add_image(_small_burst(), rgb=True, name="burst")
+    separate.layer.value, separate.task.value = layer, "rain"
+    separate.steps.value, separate.device.value = 5, "cpu"
+    separate.fit_options = dict(FAST)  # batch 2048: the Advanced field wins
+    separate.advanced_options["batch"].value = "4096"
+    separate.advanced_options["loss"].value = "mse"
+    separate.advanced_options["sparsity"].value = " 0.5 "
+    assert separate.advanced_values() == {"batch": 4096, "loss": "mse", "sparsity": 0.5}
+    with qtbot.waitSignal(separate.finished, timeout=TIMEOUT_MS) as done:
+        assert separate.run() is not None
+        config = separate._job.config
+        description = separate.worker.pbar.desc  # the activity dock's progress bar
+        running = [w.enabled for w in (separate.layer, separate.task, separate.motion, separate.seed,
+                                       separate.advanced_toggle, separate.advanced)]
+    assert done.args == ["done"], notes["error"]
+    assert config.get("batch") == 4096 and config.get("loss") == "mse" and config.get("sparsity") == 0.5
+    assert config.get("preview_every") == 5  # from fit_options
+    assert separate.last_result.config.get("batch") == 4096
+    assert description.startswith("Separating burst"), description
+    assert not any(running)  # every control was disabled while it ran ...
+    assert separate.advanced.enabled and separate.task.enabled and separate.advanced_toggle.enabled  # ... not now
+    assert any(m.startswith("Separated 'burst'") for m in notes["info"]), notes["info"]
+    assert not notes["error"]
+
+
+def test_bad_advanced_values_are_refused(make_napari_viewer, notes):
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(_small_burst(), rgb=True, name="burst")
+    widget = FuseWidget(viewer)
+    widget.layer.value, widget.device.value = layer, "cpu"
+    widget.advanced_options["batch"].value = "abc"  # not readable
+    assert widget.run() is None and widget.worker is None
+    assert notes["error"][-1].startswith("Fuse burst: ") and "batch" in notes["error"][-1]
+    assert "abc" in notes["error"][-1]
+    widget.advanced_options["batch"].value = ""
+    widget.advanced_options["lr_field"].value = "-1"  # readable, but fails validation
+    assert widget.run() is None and widget.worker is None
+    assert notes["error"][-1].startswith("Fuse burst: ") and "lr_field" in notes["error"][-1]
+    assert len(notes["error"]) == 2 and widget.run_button.text == "Run" and widget.layer.enabled
+    assert list(viewer.layers) == [layer]
+
+
+def test_status_shows_the_stage(make_napari_viewer):
+    from types import SimpleNamespace
+
+    def event(step, stage="fit"):  # a ProgressEvent's fields
+        return SimpleNamespace(step=step, total=10, loss=0.1, psnr=20.0, seconds=1.0, preview=None, stage=stage)
+
+    widget = FuseWidget(make_napari_viewer())
+    widget._on_yielded(event(3, "scene warm-up"))
+    assert widget.status.value.startswith("scene warm-up: step 3/10")
+    widget._last_status = -np.inf
+    widget._on_yielded(event(4))  # the plain fit: no stage shown
+    assert widget.status.value.startswith("step 4/10")

@@ -1,57 +1,149 @@
 """napari dock widgets. Thin: they validate in the GUI thread, run ``core`` in a napari thread worker, and
 turn results into layers with ``_layers``.
 
+Both dock widgets are one class, ``JobWidget``, configured by a ``JobSpec`` (its title, the verb of its
+progress bar, how to build the core job, how to turn the result into layers, its extra controls), so every
+message names the widget it comes from:
+
 "Fuse burst" (``FuseWidget``): pick an image layer holding a burst (T x H x W, or T x H x W x 3/4 shown as
 RGB), a motion model, a preset, steps, device and seed; Run. While it runs the button is Cancel, the activity
 dock shows step / loss / PSNR, and a "<burst> preview" layer shows the canonical view every few seconds.
 On success "<burst> canonical", "<burst> frames" and "<burst> outlines" are added (or replaced: only the
-plugin's own layers). Scripting::
+plugin's own layers).
+
+"Separate layers" (``SeparateWidget``): the same plus a task from the task table (``core.tasks.TASKS``).
+
+"Advanced options" (hidden by default) lists every other option of the configuration (``core.config.options()``,
+with its description as tooltip); an empty field keeps the preset's value. Scripting::
 
     dock, w = viewer.window.add_plugin_dock_widget("napari-nir", "Fuse burst")
-    w.steps.value = 200; w.run(); ...; w.cancel()
+    w.steps.value = 200; w.advanced_options["batch"].value = "8192"; w.run(); ...; w.cancel()
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, Label, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, Label, LineEdit, PushButton, SpinBox
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from psygnal import Signal
 
 from ._layers import OWNER_KEY, add_fusion_layer_data, fusion_layer_data, preview_image, separation_layer_data
-from .core.fit import MOTIONS, PRESETS
+from .core.config import PRESETS, options as config_options, parse_value
+from .core.motions import MOTIONS
 
 if TYPE_CHECKING:
     import napari
+    from magicgui.widgets.bases import ValueWidget
     from napari.layers import Layer
 
-    from .core.api import FusionJob
-
-__all__ = ["FuseWidget", "burst_data", "device_choices"]
+__all__ = ["JobSpec", "JobWidget", "FuseWidget", "SeparateWidget", "FUSE_SPEC", "SEPARATE_SPEC", "burst_data",
+           "device_choices", "advanced_options"]
 
 PREVIEW_INTERVAL_S = 2.0  # the preview layer is refreshed at most this often (the first preview at once)
 STATUS_INTERVAL_S = 0.25  # the status line and progress-bar text
 _PREVIEW_MAX_SIDE = 192  # render.preview_canonical's default: longer side of a preview, in working pixels
+_ADVANCED_HEIGHT = 260  # pixels: the Advanced section scrolls inside this height
 
 ACCEPTED = "a stack of frames: T×H×W (grey) or T×H×W×3/4 shown as RGB"
+TASK_DEFAULT = "task default"
+MAIN_OPTIONS = frozenset({"motion", "preset", "steps", "seed", "device", "task"})  # set by the main controls
+PRESET_VALUE = "(preset)"  # the label of the empty choice of an Advanced menu
 
 
-def burst_data(layer: Layer):
+# -- the spec -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobSpec:
+    """What makes one job widget: its names, its job, its layers and its extra controls.
+
+    title: the widget's name, the prefix of its messages ("Fuse burst"). verb, past: "Fusing" (progress bar)
+    and "Fused" (the message on success). action: what it does to a layer, for "no image layer to <action>".
+    make_job(data, values, options): the core job (validates at once: ValueError/TypeError), with ``values``
+    the controls' values by name (motion, preset, steps (None: the preset's), device, seed and those of the
+    extra controls) and ``options`` further config options by flat name. to_layers(fit, source_name, scale=,
+    translate=, rgb=): the result's layer data. extra_controls: factories of further controls (each a
+    value widget with a ``name``; the widget gets it as an attribute of that name), shown under the layer.
+    motion_choices, motion_tooltip, motion_default: the motion menu. skip_sections: config sections left out
+    of Advanced.
+    """
+
+    title: str
+    verb: str
+    past: str
+    action: str
+    make_job: Callable[[Any, dict, dict], Any]
+    to_layers: Callable[..., Any]
+    motion_choices: tuple[str, ...]
+    motion_tooltip: str = ""
+    motion_default: str | None = None  # None: the first choice
+    extra_controls: tuple[Callable[[], ValueWidget], ...] = ()
+    skip_sections: tuple[str, ...] = ()
+
+
+def _make_fusion_job(data, values: dict, options: dict):
+    from .core.api import FusionJob
+
+    return FusionJob(data, values["motion"], preset=values["preset"], steps=values["steps"], device=values["device"],
+                     seed=values["seed"], **options)
+
+
+def _make_separation_job(data, values: dict, options: dict):
+    from .core.api import SeparationJob
+
+    motion = None if values["motion"] == TASK_DEFAULT else values["motion"]
+    return SeparationJob(data, values["task"], motion=motion, preset=values["preset"], steps=values["steps"],
+                         device=values["device"], seed=values["seed"], **options)
+
+
+def _task_control() -> ComboBox:
+    """The task menu, generated from the task table: each entry with its description in the tooltip."""
+    from .core.tasks import TASKS
+
+    return ComboBox(name="task", label="task", choices=[(t.title, t.name) for t in TASKS.values()],
+                    value=next(iter(TASKS)),
+                    tooltip="\n".join(f"{t.title}: {t.description}" for t in TASKS.values()))
+
+
+def _motion_tooltip() -> str:
+    """The motion menu's tooltip, generated from the motion table: each model with its description."""
+    return "\n".join(f"{name}: {getattr(m, 'description', '')}" for name, m in MOTIONS.items())
+
+
+FUSE_SPEC = JobSpec(
+    title="Fuse burst", verb="Fusing", past="Fused", action="fuse", make_job=_make_fusion_job,
+    to_layers=fusion_layer_data, motion_choices=tuple(MOTIONS), motion_tooltip=_motion_tooltip(),
+    motion_default="homography",
+    skip_sections=("separation",),  # fusion ignores them
+)
+
+SEPARATE_SPEC = JobSpec(
+    title="Separate layers", verb="Separating", past="Separated", action="separate",
+    make_job=_make_separation_job, to_layers=separation_layer_data,
+    motion_choices=(TASK_DEFAULT, *MOTIONS),  # static choices: magicgui's reset_choices restores these
+    motion_tooltip="the scene's motion model; 'task default' uses the task table's choice\n" + _motion_tooltip(),
+    extra_controls=(_task_control,),
+)
+
+
+# -- helpers --------------------------------------------------------------------------------------------
+def burst_data(layer: Layer, title: str | JobSpec = "Fuse burst"):
     """The burst array of an image layer: (T, H, W) or (T, H, W, C) with C the RGB(A) axis (``layer.rgb``).
 
     Multiscale layers give their full-resolution level. Raises TypeError/ValueError saying which layouts
-    are accepted and how to get one.
+    are accepted and how to get one; ``title`` (or a JobSpec) names the widget asking.
     """
     from napari.layers import Image
 
+    if isinstance(title, JobSpec):
+        title = title.title
     name = getattr(layer, "name", "?")
     if not isinstance(layer, Image):
-        raise TypeError(f"layer {name!r} is a {type(layer).__name__} layer; Fuse burst needs an Image layer "
+        raise TypeError(f"layer {name!r} is a {type(layer).__name__} layer; {title} needs an Image layer "
                         f"holding {ACCEPTED}")
     data = layer.data[0] if layer.multiscale else layer.data
     shape = tuple(int(s) for s in data.shape)
@@ -60,26 +152,26 @@ def burst_data(layer: Layer):
         if nd == 4:
             return data
         if nd == 3:
-            raise ValueError(f"layer {name!r} is one RGB image {shape}, not a burst. Fuse burst needs several "
+            raise ValueError(f"layer {name!r} is one RGB image {shape}, not a burst. {title} needs several "
                              f"frames of one scene, {ACCEPTED}: open the frames together as one stack "
                              "(File > Open Files as Stack...) or stack them (np.stack(frames)).")
-        raise ValueError(f"layer {name!r} is an RGB stack with {nd - 1} non-colour axes {shape}; Fuse burst "
+        raise ValueError(f"layer {name!r} is an RGB stack with {nd - 1} non-colour axes {shape}; {title} "
                          f"accepts {ACCEPTED}. Add one burst as its own layer, e.g. "
                          "viewer.add_image(layer.data[:, z], rgb=True).")
     if nd == 3:
         return data
     if nd == 2:
-        raise ValueError(f"layer {name!r} is a single 2-D image {shape}, not a burst. Fuse burst needs several "
+        raise ValueError(f"layer {name!r} is a single 2-D image {shape}, not a burst. {title} needs several "
                          f"frames of one scene, {ACCEPTED}: open the frames together as one stack "
                          "(File > Open Files as Stack...) or stack them (np.stack(frames)).")
     if nd == 4:
         raise ValueError(f"layer {name!r} is 4-D {shape} and not RGB, so its layout is ambiguous (T×Z×Y×X? "
-                         f"T×H×W×C?). Fuse burst accepts {ACCEPTED}. For a time series of volumes pick one "
+                         f"T×H×W×C?). {title} accepts {ACCEPTED}. For a time series of volumes pick one "
                          "plane: viewer.add_image(layer.data[:, z]); for colour frames add the layer with "
                          "rgb=True; for another multichannel burst (channels last) run "
-                         "napari_nir.fuse(layer.data) in the console, or split the channels (channel_axis) "
-                         "and fuse each.")
-    raise ValueError(f"layer {name!r} has {nd} axes {shape}; Fuse burst accepts {ACCEPTED}.")
+                         "napari_nir.fuse(layer.data) (or napari_nir.separate) in the console, or split the "
+                         "channels (channel_axis) and run each.")
+    raise ValueError(f"layer {name!r} has {nd} axes {shape}; {title} accepts {ACCEPTED}.")
 
 
 def device_choices() -> list[tuple[str, str]]:
@@ -105,8 +197,31 @@ def worker_threads() -> int:
     return max(1, cores - 1)
 
 
-def _fusion_generator(job: FusionJob, cancelled, source_name: str, scale, translate, rgb: bool, threads: int,
-                      restore_threads: int, to_layers=fusion_layer_data):
+def advanced_options(spec: JobSpec) -> dict:
+    """{flat name: Option} of the options the spec's Advanced section lists: every config option except the
+    main controls' and the spec's skipped sections, in ``options()`` order."""
+    return {flat: opt for flat, opt in config_options().items()
+            if flat not in MAIN_OPTIONS and opt.section not in spec.skip_sections}
+
+
+def _advanced_control(opt) -> ValueWidget:
+    """One Advanced field: a menu for choices and booleans, else a line of text (empty: the preset's value)."""
+    default = list(opt.default) if isinstance(opt.default, tuple) else opt.default
+    tooltip = f"{opt.doc}\n{opt.path}; default {default!r}; empty: the preset's value"
+    choices = opt.choices
+    if choices is None and opt.annotation is bool:
+        choices = ("true", "false")
+    if choices is not None:
+        return ComboBox(name=opt.flat, label=opt.flat, choices=[(PRESET_VALUE, ""), *[(str(c), str(c))
+                                                                                    for c in choices]],
+                        value="", tooltip=tooltip)
+    widget = LineEdit(name=opt.flat, label=opt.flat, value="", tooltip=tooltip)
+    widget.native.setPlaceholderText(PRESET_VALUE)
+    return widget
+
+
+def _job_generator(job, cancelled, source_name: str, scale, translate, rgb: bool, threads: int,
+                   restore_threads: int, to_layers=fusion_layer_data):
     """Runs in the worker thread: yields ProgressEvents; returns (fit, layer data) or None when cancelled.
 
     The outputs are rendered here too (not in the GUI thread); only layer creation happens in the GUI.
@@ -130,43 +245,61 @@ def _fusion_generator(job: FusionJob, cancelled, source_name: str, scale, transl
         torch.set_num_threads(restore_threads)
 
 
+_fusion_generator = _job_generator  # the former name
+
+
 class FitFailed(Exception):
     """A RuntimeError raised inside a fit, re-raised as a type the thread worker reports (see above)."""
 
 
-class FuseWidget(Container):
-    """The "Fuse burst" dock widget (see the module docstring).
+# -- the widget -----------------------------------------------------------------------------------------
+class JobWidget(Container):
+    """A job dock widget configured by a ``JobSpec`` (see the module docstring).
 
     For scripts and tests: ``run()`` starts (returns the worker, or None when it refused with a
     notification), ``cancel()``, ``worker`` (None when idle), ``finished`` (a signal emitted with
     "done" / "cancelled" / "error" once a run is over and the widget is idle again), ``last_result`` (the
-    last successful FusionResult), ``fit_options`` (extra FitConfig options, e.g. {"preview_every": 5}).
+    last successful result), ``fit_options`` (extra config options by flat name, e.g. {"preview_every": 5};
+    the Advanced fields override them), ``advanced_options`` ({flat name: Advanced field}).
     """
 
     finished = Signal(str)
 
-    def __init__(self, napari_viewer: napari.viewer.Viewer):
+    def __init__(self, napari_viewer: napari.viewer.Viewer, spec: JobSpec):
         super().__init__(labels=True)
         self._viewer = napari_viewer
+        self.spec = spec
         self.layer = ComboBox(name="layer", label="burst", choices=self._layer_choices,
                               tooltip=f"Image layer holding {ACCEPTED}")
-        self.motion = ComboBox(name="motion", label="motion", choices=list(self.motion_choices),
-                               value=self.motion_choices[0],
-                               tooltip="homography: camera rotation / planar scene; flow: non-rigid motion; "
-                                       "occlusion: flow where things hide and reveal each other")
+        self.extra_controls = [make() for make in spec.extra_controls]
+        for control in self.extra_controls:
+            setattr(self, control.name, control)
+        self.motion = ComboBox(name="motion", label="motion", choices=list(spec.motion_choices),
+                               value=spec.motion_default or spec.motion_choices[0], tooltip=spec.motion_tooltip)
         self.preset = ComboBox(name="preset", label="preset", choices=list(PRESETS), value=PRESETS[0],
-                               tooltip="fast: multiresolution grid field, seconds to minutes on a CPU; paper: the official "
-                                       "SIREN configuration (slow without a GPU)")
+                               tooltip="fast: multiresolution grid field, seconds to minutes on a CPU; paper: the "
+                                       "official SIREN configuration (slow without a GPU)")
         self.steps = SpinBox(name="steps", label="steps", value=0, min=0, max=1_000_000, step=100,
                              tooltip="optimisation steps; 0 = the preset's default")
         self.device = ComboBox(name="device", label="device", choices=device_choices(), value="auto",
                                tooltip="auto uses a CUDA/MPS GPU when torch sees one, else the CPU")
         self.seed = SpinBox(name="seed", label="seed", value=0, min=0, max=2**31 - 1,
                             tooltip="the same seed and settings give the same result")
+        self.advanced_toggle = CheckBox(name="advanced_toggle", label="", text="Advanced options", value=False,
+                                        tooltip="every other option of the configuration; empty keeps the "
+                                                "preset's value")
+        self.advanced_options = {flat: _advanced_control(opt) for flat, opt in advanced_options(spec).items()}
+        self.advanced = Container(name="advanced", label="", labels=True, scrollable=True,
+                                  widgets=list(self.advanced_options.values()))
+        scroll = self.advanced.root_native_widget  # the scroll area around the fields
+        scroll.setMinimumHeight(min(_ADVANCED_HEIGHT, 30 * max(1, len(self.advanced_options))))
+        scroll.setMaximumHeight(_ADVANCED_HEIGHT)
+        self.advanced.visible = False
         self.run_button = PushButton(name="run_button", text="Run")
         self.status = Label(name="status", label="", value="")
-        self.extend([self.layer, self.motion, self.preset, self.steps, self.device, self.seed, self.run_button,
-                     self.status])
+        self.extend([self.layer, *self.extra_controls, self.motion, self.preset, self.steps, self.device, self.seed,
+                     self.advanced_toggle, self.advanced, self.run_button, self.status])
+        self.advanced_toggle.changed.connect(self._on_advanced_toggled)
         self.run_button.changed.connect(self._on_button)
 
         self.fit_options: dict[str, Any] = {}
@@ -198,16 +331,35 @@ class FuseWidget(Container):
         return [(layer.name, layer) for layer in self._viewer.layers
                 if isinstance(layer, Image) and not layer.metadata.get(OWNER_KEY)]
 
-    verb = "Fusing"
-    to_layers = staticmethod(fusion_layer_data)
-    motion_choices: tuple[str, ...] = MOTIONS
+    def _controls(self) -> list:
+        """Every control a run reads (disabled while it runs)."""
+        return [self.layer, *self.extra_controls, self.motion, self.preset, self.steps, self.device, self.seed,
+                self.advanced_toggle, self.advanced]
+
+    def _on_advanced_toggled(self, shown: bool) -> None:
+        self.advanced.visible = bool(shown)
+
+    def control_values(self) -> dict[str, Any]:
+        """The main and extra controls' values by name, as ``JobSpec.make_job`` takes them."""
+        values = {"motion": self.motion.value, "preset": self.preset.value, "steps": int(self.steps.value) or None,
+                  "device": self.device.value, "seed": int(self.seed.value)}
+        values.update({control.name: control.value for control in self.extra_controls})
+        return values
+
+    def advanced_values(self) -> dict[str, Any]:
+        """The Advanced fields that are filled in, parsed (ValueError naming the option when one is not
+        readable); empty fields are left out (the preset's value)."""
+        out = {}
+        for flat, widget in self.advanced_options.items():
+            text = "" if widget.value is None else str(widget.value).strip()
+            if text:
+                out[flat] = parse_value(flat, text)
+        return out
 
     def _make_job(self, data):
         """The job for the current settings (validates at once: ValueError/TypeError on bad input)."""
-        from .core.api import FusionJob
-
-        return FusionJob(data, self.motion.value, preset=self.preset.value, steps=int(self.steps.value) or None,
-                         device=self.device.value, seed=int(self.seed.value), **self.fit_options)
+        options = {**self.fit_options, **self.advanced_values()}
+        return self.spec.make_job(data, self.control_values(), options)
 
     def _on_button(self, *_) -> None:
         if self.worker is None:
@@ -216,7 +368,7 @@ class FuseWidget(Container):
             self.cancel()
 
     def _set_running(self, running: bool) -> None:
-        for widget in (self.layer, self.motion, self.preset, self.steps, self.device, self.seed):
+        for widget in self._controls():
             widget.enabled = not running
         self.run_button.text = "Cancel" if running else "Run"
         self.run_button.enabled = True
@@ -225,21 +377,20 @@ class FuseWidget(Container):
     def run(self):
         """Validate the inputs and start a fit in a thread worker. Returns the worker, or None (refused:
         already running, or bad input; a notification says why)."""
-        from .core.api import FusionJob
-
+        title = self.spec.title
         if self.worker is not None:
-            show_warning("Fuse burst: a run is already in progress; press Cancel to stop it first.")
+            show_warning(f"{title}: a run is already in progress; press Cancel to stop it first.")
             return None
         layer = self.layer.value
         if layer is None or layer not in self._viewer.layers:
-            show_error("Fuse burst: no image layer to fuse. Open a burst as one image layer "
+            show_error(f"{title}: no image layer to {self.spec.action}. Open a burst as one image layer "
                        f"({ACCEPTED}), e.g. File > Open Sample > napari-nir, and pick it under 'burst'.")
             return None
         try:
-            data = burst_data(layer)
+            data = burst_data(layer, title)
             job = self._make_job(data)
         except (ValueError, TypeError) as exc:
-            show_error(f"Fuse burst: {exc}")
+            show_error(f"{title}: {exc}")
             return None
 
         import torch
@@ -251,14 +402,14 @@ class FuseWidget(Container):
         self._last_preview = self._last_status = -math.inf
         spatial_scale, spatial_shift = list(layer.scale[-2:]), list(layer.translate[-2:])
         longest = max(job.burst.H, job.burst.W)
-        working = job.config.working_size or longest
+        working = job.config.get("working_size") or longest
         self._preview_factor = longest / min(longest, working, _PREVIEW_MAX_SIDE)
         self._preview_place = ([s * self._preview_factor for s in spatial_scale], spatial_shift)
         worker = create_worker(
-            _fusion_generator, job, lambda: self._cancelled, layer.name, list(layer.scale[-3:]),
+            _job_generator, job, lambda: self._cancelled, layer.name, list(layer.scale[-3:]),
             list(layer.translate[-3:]), bool(layer.rgb), worker_threads(), torch.get_num_threads(),
-            self.to_layers,
-            _progress={"total": job.config.steps, "desc": f"{self.verb} {layer.name}"},
+            self.spec.to_layers,
+            _progress={"total": job.config.steps, "desc": f"{self.spec.verb} {layer.name}"},
             _ignore_errors=True,  # errors are shown with show_error by _on_errored, not re-raised
         )
         worker.yielded.connect(self._on_yielded)
@@ -291,11 +442,14 @@ class FuseWidget(Container):
         now = time.monotonic()
         if now - self._last_status >= STATUS_INTERVAL_S or event.step == event.total:
             self._last_status = now
-            self.status.value = (f"step {event.step}/{event.total}  loss {event.loss:.4g}  "
+            stage = getattr(event, "stage", "fit") or "fit"
+            prefix = "" if stage == "fit" else f"{stage}: "
+            self.status.value = (f"{prefix}step {event.step}/{event.total}  loss {event.loss:.4g}  "
                                  f"PSNR {event.psnr:.2f} dB  {event.seconds:.0f} s")
             pbar = getattr(self.worker, "pbar", None)
             if pbar is not None:
-                pbar.set_description(f"Fusing {self._source}: loss {event.loss:.3g}, PSNR {event.psnr:.1f} dB")
+                pbar.set_description(f"{self.spec.verb} {self._source}: {prefix}loss {event.loss:.3g}, "
+                                     f"PSNR {event.psnr:.1f} dB")
         if event.preview is not None and now - self._last_preview >= PREVIEW_INTERVAL_S:
             self._last_preview = now
             self._show_preview(event.preview)
@@ -322,15 +476,17 @@ class FuseWidget(Container):
             add_fusion_layer_data(self._viewer, self._source, layer_data)
         except Exception as exc:  # noqa: BLE001 - shown to the user, never only in the terminal
             self._outcome = "error"
-            show_error(f"Fuse burst: the fit finished but its layers could not be added ({type(exc).__name__}: "
-                       f"{exc})")
+            show_error(f"{self.spec.title}: the fit finished but its layers could not be added "
+                       f"({type(exc).__name__}: {exc})")
             return
         self.last_result = fit
         self._outcome = "done"
         psnr = "?" if fit.final_psnr is None else f"{fit.final_psnr:.2f} dB"
         seconds = 0.0 if fit.seconds is None else fit.seconds
-        show_info(f"Fused {self._source!r}: PSNR {psnr} in {seconds:.1f} s "
-                  f"({fit.history[-1]['step'] if fit.history else 0} steps, {fit.motion}, {fit.config.device}).")
+        task = fit.config.get("task") or ""
+        what = f"{task}, {fit.motion}" if task else f"{fit.motion}"
+        show_info(f"{self.spec.past} {self._source!r}: PSNR {psnr} in {seconds:.1f} s "
+                  f"({fit.history[-1]['step'] if fit.history else 0} steps, {what}, {fit.config.get('device')}).")
 
     def _on_errored(self, exc: BaseException) -> None:
         self._outcome = "error"
@@ -338,7 +494,7 @@ class FuseWidget(Container):
             message = str(exc)
         else:
             message = f"{type(exc).__name__}: {exc}"
-        show_error(f"Fuse burst failed: {message}")
+        show_error(f"{self.spec.title} failed: {message}")
 
     def _on_aborted(self) -> None:
         self._cancelled = True  # also when quit came from napari's activity dock / status bar
@@ -357,7 +513,7 @@ class FuseWidget(Container):
         except RuntimeError:  # the dock widget was closed while the run ended
             pass
         if outcome == "cancelled":
-            show_info(f"Fuse burst: cancelled; no layers were added for {self._source!r}.")
+            show_info(f"{self.spec.title}: cancelled; no layers were added for {self._source!r}.")
         self.finished.emit(outcome)
 
     def _remove_preview(self) -> None:
@@ -378,36 +534,16 @@ class FuseWidget(Container):
             self.worker.quit()
 
 
-TASK_DEFAULT = "task default"
-
-
-class SeparateWidget(FuseWidget):
-    """The "Separate layers" dock widget: FuseWidget's controls plus a task, generated from the task table
-    (``napari_nir.core.tasks.TASKS``): each entry appears in the task menu with its description as tooltip."""
-
-    verb = "Separating"
-    to_layers = staticmethod(separation_layer_data)
-    motion_choices = (TASK_DEFAULT, *MOTIONS)  # static choices: magicgui's reset_choices restores these
+class FuseWidget(JobWidget):
+    """The "Fuse burst" dock widget: ``JobWidget`` with ``FUSE_SPEC``."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
-        from .core.tasks import TASKS
+        super().__init__(napari_viewer, FUSE_SPEC)
 
-        super().__init__(napari_viewer)
-        self.task = ComboBox(name="task", label="task", choices=[(t.title, t.name) for t in TASKS.values()],
-                             value=next(iter(TASKS)),
-                             tooltip="\n".join(f"{t.title}: {t.description}" for t in TASKS.values()))
-        self.insert(1, self.task)
-        self.motion.tooltip = "the scene's motion model; 'task default' uses the task table's choice"
 
-    def _set_running(self, running: bool) -> None:
-        super()._set_running(running)
-        if hasattr(self, "task"):
-            self.task.enabled = not running
+class SeparateWidget(JobWidget):
+    """The "Separate layers" dock widget: ``JobWidget`` with ``SEPARATE_SPEC`` (a task menu generated from the
+    task table, ``napari_nir.core.tasks.TASKS``)."""
 
-    def _make_job(self, data):
-        from .core.api import SeparationJob
-
-        motion = None if self.motion.value == TASK_DEFAULT else self.motion.value
-        return SeparationJob(data, self.task.value, motion=motion, preset=self.preset.value,
-                             steps=int(self.steps.value) or None, device=self.device.value,
-                             seed=int(self.seed.value), **self.fit_options)
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__(napari_viewer, SEPARATE_SPEC)
