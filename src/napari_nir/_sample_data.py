@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SOURCE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera", "brick")
+SOURCE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera", "brick", "cell")
 
 
 @dataclass
@@ -131,6 +131,31 @@ def homography_burst(
     world = render_view(source, np.eye(3), shape)
     frames = clean + rng.normal(0, noise, clean.shape).astype(np.float32) if noise > 0 else clean.copy()
     return SampleBurst(frames=frames, clean=clean, homographies=homs, world=world, name=f"{image} homography burst",
+                       extra={"noise": noise, "seed": seed})
+
+
+def drift_burst(n_frames: int = 12, shape: tuple[int, int] = (128, 128), *, image: str = "cell",
+                step_px: float = 1.5, rotation_deg: float = 0.3, noise: float = 0.02, seed: int = 0) -> SampleBurst:
+    """A grey time series drifting like a microscope stage: a random walk of shifts (``step_px`` pixels per frame
+    on average, each axis) with a small rotation wobble, plus Gaussian ``noise``. Ground truth as
+    ``homography_burst`` (frame pixel -> world pixel); the motion is rigid."""
+    rng = np.random.default_rng(seed)
+    source = source_image(image)
+    if source.ndim == 3:
+        source = source @ np.array([0.2125, 0.7154, 0.0721])
+    h, w = shape
+    centre = np.array([[1, 0, (w - 1) / 2], [0, 1, (h - 1) / 2], [0, 0, 1.0]])
+    shifts = np.cumsum(rng.normal(0, step_px, (n_frames, 2)), 0)
+    shifts -= shifts.mean(0)
+    homs = np.empty((n_frames, 3, 3))
+    for t, (dx, dy) in enumerate(shifts):
+        angle = np.deg2rad(rng.uniform(-rotation_deg, rotation_deg))
+        rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+        homs[t] = centre @ np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1.0]]) @ rot @ np.linalg.inv(centre)
+    clean = np.stack([render_view(source, m, shape, margin=1.2) for m in homs])
+    world = render_view(source, np.eye(3), shape, margin=1.2)
+    frames = clean + rng.normal(0, noise, clean.shape).astype(np.float32) if noise > 0 else clean.copy()
+    return SampleBurst(frames=frames, clean=clean, homographies=homs, world=world, name=f"{image} drift burst",
                        extra={"noise": noise, "seed": seed})
 
 
@@ -395,6 +420,18 @@ def make_homography_sample():
             "image",
         ),
         (sample.world, {"name": "astronaut ground truth", "visible": False, "rgb": True}, "image"),
+    ]
+
+
+def make_drift_sample():
+    """napari sample: a 12-frame grey time series (T, 128, 128) drifting like a microscope stage, for the
+    translation, rigid, similarity and affine motions; the true homographies ride along in its metadata."""
+    sample = drift_burst()
+    return [
+        (sample.frames, {"name": "drift burst",
+                         "metadata": {"napari_nir": {"ground_truth_homographies": sample.homographies.tolist()}}},
+         "image"),
+        (sample.world, {"name": "drift ground truth", "visible": False}, "image"),
     ]
 
 

@@ -37,16 +37,24 @@ def _sl3_generators() -> torch.Tensor:
 
 
 class LieHomography(nn.Module):
-    """Per-frame homographies in normalised coordinates, H_t = expm(A_t), mean_t A_t = 0."""
+    """Per-frame homographies in normalised coordinates, H_t = expm(A_t), mean_t A_t = 0.
+
+    generators: which of the 8 sl(3) generators the motion may use (default: all, a homography); a prefix
+    gives the subgroups: (0, 1) translation, (0, 1, 2) rigid, (0, 1, 2, 3) similarity, (0, ..., 5) affine. A start
+    ``init`` is projected onto them (its other Lie coefficients dropped).
+    """
 
     kind = "homography"
 
-    def __init__(self, n_frames: int, init: np.ndarray | None = None):
+    def __init__(self, n_frames: int, init: np.ndarray | None = None, generators: tuple[int, ...] | None = None):
         super().__init__()
-        self.register_buffer("generators", _sl3_generators())
-        start = torch.zeros(n_frames, 8, dtype=torch.float64)
+        every = _sl3_generators()
+        self.register_buffer("generators", every if generators is None else every[list(generators)])
+        start = torch.zeros(n_frames, len(self.generators), dtype=torch.float64)
         if init is not None:
-            start = torch.as_tensor(algebra_coefficients(init), dtype=torch.float64)
+            coefficients = algebra_coefficients(init)
+            start = torch.as_tensor(coefficients if generators is None else coefficients[:, list(generators)],
+                                    dtype=torch.float64)
         self.coeffs = nn.Parameter(start)
 
     def matrices(self) -> torch.Tensor:

@@ -151,6 +151,18 @@ def _paper(steps: int, batch: int, loss: str, hidden_layers: int) -> dict:
             "field_options": {"width": 256, "hidden_layers": hidden_layers, "omega0": 30.0}}
 
 
+def _drift(name: str, generators: tuple[int, ...], what: str) -> Motion:
+    """A constrained homography: the Lie coefficients of a subgroup only (motion.LieHomography's generators)."""
+    return Motion(
+        name=name, title=name.capitalize(), description=what,
+        build=lambda config, t, domain, init: nets.LieHomography(t, init=init, generators=generators),
+        alignment="matrices", featured_ramp=True,
+        # no paper configuration exists for these: the paper preset's networks with our Lie parameters
+        presets={"paper": {**_paper(3000, -4, "mse", 4), "motion_param": "lie"}},
+        artefacts=("homographies", "outlines"), sample="drift_burst",
+    )
+
+
 MOTIONS: dict[str, Motion] = {
     m.name: m
     for m in (
@@ -179,6 +191,10 @@ MOTIONS: dict[str, Motion] = {
             artefacts=("flow", "flow colour", "flow vectors", "flow magnitude", "occlusion w"),
             stages=_occlusion_stages, sample="occlusion_burst",
         ),
+        _drift("translation", (0, 1), "a shift per frame: stage drift in a time series"),
+        _drift("rigid", (0, 1, 2), "a shift and a rotation per frame"),
+        _drift("similarity", (0, 1, 2, 3), "a shift, a rotation and a uniform zoom per frame"),
+        _drift("affine", (0, 1, 2, 3, 4, 5), "an affine map per frame (shear and aspect too, no perspective)"),
     )
 }
 
