@@ -20,7 +20,8 @@ def tiny(monkeypatch, tmp_path):
                         lambda n, size, **kw: _sample_data.homography_burst(3, (32, 32), **kw))
     monkeypatch.setattr(fusion, "GRAF", tmp_path / "absent")
     real_fuse = fusion.nir.fuse
-    monkeypatch.setattr(fusion.nir, "fuse", lambda *a, **k: real_fuse(*a, **{**k, "steps": min(k.get("steps") or 30, 30)}))
+    monkeypatch.setattr(fusion.nir, "fuse",
+                        lambda *a, **k: real_fuse(*a, **{**k, "steps": min(k.get("steps") or 30, 30)}))
     return fusion
 
 

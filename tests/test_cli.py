@@ -106,7 +106,8 @@ class FakeFit:
 def _progress(callback):
     for step in (1, 2):
         if callback is not None:
-            callback(SimpleNamespace(step=step, total=2, loss=0.5 / step, psnr=10.0 + step, seconds=0.1 * step))
+            callback(SimpleNamespace(step=step, total=2, loss=0.5 / step, psnr=10.0 + step, seconds=0.1 * step,
+                                     stage="fit"))
 
 
 @pytest.fixture

@@ -24,8 +24,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, LineEdit, PushButton, SpinBox
@@ -34,7 +35,8 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from psygnal import Signal
 
 from ._layers import OWNER_KEY, add_fusion_layer_data, fusion_layer_data, preview_image, separation_layer_data
-from .core.config import PRESETS, options as config_options, parse_value
+from .core.config import PRESETS, parse_value
+from .core.config import options as config_options
 from .core.motions import MOTIONS
 
 if TYPE_CHECKING:
@@ -230,7 +232,7 @@ def _job_generator(job, cancelled, source_name: str, scale, translate, rgb: bool
 
     torch.set_num_threads(threads)
     try:
-        for event in job.run():
+        for event in job.run():  # noqa: UP028 - not yield from: the worker's send/close must not reach the job
             yield event
         if cancelled():
             return None

@@ -505,9 +505,11 @@ def _fit(burst, args, plan: Plan):
         if bar is None:
             from tqdm import tqdm
 
-            bar = tqdm(total=event.total, desc="fusing", unit="step", file=sys.stderr, dynamic_ncols=True)
+            bar = tqdm(total=event.total, desc=event.stage, unit="step", file=sys.stderr, dynamic_ncols=True)
         if bar.total != event.total:
             bar.total = event.total
+        if bar.desc != event.stage:  # the model's stage (fit; scene warm-up, separation; background, occlusion)
+            bar.set_description(event.stage, refresh=False)
         bar.set_postfix(loss=f"{event.loss:.4g}", psnr=f"{event.psnr:.2f} dB", refresh=False)
         bar.update(max(0, int(event.step) - bar.n))
         return None

@@ -122,7 +122,7 @@ def test_callback_progress_preview_and_cancel(small_sample):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"motion": "affine"}, ValueError, "unknown motion"),
+        ({"motion": "warp"}, ValueError, "unknown motion"),
         ({"preset": "slow"}, ValueError, "unknown preset"),
         ({"steps": 0}, ValueError, "steps"),
         ({"steps": -5}, ValueError, "steps"),

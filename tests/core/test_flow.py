@@ -53,6 +53,7 @@ def test_flow_result_save_load(tmp_path, flow_fit):
     np.testing.assert_array_equal(loaded.flow(), flow_fit.flow())
 
 
+@pytest.mark.slow  # two 300-step fits (~25 s on 2 cores); the figures: benchmarks/fusion.py occlusion()
 def test_occlusion_model_reconstructs_disoccluded_regions_better_than_flow():
     sample = occlusion_burst(5, (64, 64), seed=1)
     mask = sample.extra["disoccluded"]

@@ -35,7 +35,7 @@ def test_unknown_task_and_motion_are_explained():
     with pytest.raises(ValueError, match="unknown task"):
         nir.separate(frames, "snow")
     with pytest.raises(ValueError, match="unknown motion"):
-        nir.separate(frames, "rain", motion="affine")
+        nir.separate(frames, "rain", motion="warp")
 
 
 def test_motion_override_and_save_load(tmp_path):
@@ -76,13 +76,14 @@ def test_paper_preset_follows_the_official_configuration(task):
     cfg = separation_config(task, "paper")
     paper = nir.TASKS[task].paper
     assert (cfg.steps, cfg.get("batch"), cfg.get("loss")) == (paper["steps"], paper["batch"], paper["loss"])
-    assert cfg.field == "siren" and cfg.get("field_options")["omega0"] == paper["f1_omega0"]
-    assert cfg.motion == nir.TASKS[task].motion
+    assert cfg.field.kind == "siren" and cfg.get("field_options")["omega0"] == paper["f1_omega0"]
+    assert cfg.motion.model == nir.TASKS[task].motion
     frames = separation_burst(task, 2, (16, 16)).frames
     sep = nir.separate(frames, task, preset="paper", steps=2, device="cpu")
     assert len(sep.history) == 2
 
 
+@pytest.mark.slow  # 300-step fit (~12 s); the default run keeps the stronger 96 x 96 reflection check below
 def test_reflection_scene_is_cleaner_than_the_input():
     # a small regression guard, not the issue's goal (see the benchmark for the 256 x 256 figures)
     s = separation_burst("reflection", 5, (64, 64), seed=1)
@@ -100,15 +101,15 @@ def test_reflection_scene_is_cleaner_than_the_input():
 def test_presets_choose_their_own_scene_motion_and_options(task):
     entry = nir.TASKS[task]
     fast, paper = separation_config(task, "fast"), separation_config(task, "paper")
-    assert fast.motion == entry.default_motion("fast") and paper.motion == entry.motion
+    assert fast.motion.model == entry.default_motion("fast") and paper.motion.model == entry.motion
     for key, value in entry.fast_options.items():
-        assert getattr(fast, key) == value
-    assert separation_config(task, "fast", "flow").motion == "flow"  # an explicit motion wins
+        assert fast.get(key) == value
+    assert separation_config(task, "fast", "flow").motion.model == "flow"  # an explicit motion wins
 
 
 def test_moire_scene_is_band_limited_in_the_fast_preset():
-    assert separation_config("moire", "fast").grid_density < 1.0
-    assert separation_config("rain", "fast").grid_density == 1.0
+    assert separation_config("moire", "fast").get("grid_density") < 1.0
+    assert separation_config("rain", "fast").get("grid_density") == 1.0
 
 
 @pytest.mark.parametrize("task", ["rain", "fence"])
@@ -125,6 +126,7 @@ def test_scene_beats_the_input_by_5_db_on_a_small_crop(task):
     assert psnr(scene) > psnr(s.frames) + 5.0
 
 
+@pytest.mark.slow  # 300-step fit (~12 s); at 150 steps all frames' interference means were still equal: no test
 def test_moire_interference_is_held_to_zero_mean_per_frame():
     """The moire grating oscillates about the scene: its layer's mean per frame stays near 0 (the offset
     between the layers is otherwise free: it drifted by up to 0.016 at 256 x 256)."""
@@ -165,9 +167,9 @@ def test_frame_means_average_each_frames_points():
 
 def test_cauchy_warm_up_is_the_fence_fast_presets_only_and_validated():
     """The fence's warm-up uses a Cauchy loss in the fast preset; the paper preset keeps the official loss."""
-    assert separation_config("fence", "fast").warmup_cauchy > 0
-    assert separation_config("fence", "paper").warmup_cauchy == 0
-    assert separation_config("rain", "fast").warmup_cauchy == 0
+    assert separation_config("fence", "fast").get("warmup_cauchy") > 0
+    assert separation_config("fence", "paper").get("warmup_cauchy") == 0
+    assert separation_config("rain", "fast").get("warmup_cauchy") == 0
     frames = separation_burst("fence", 2, (24, 24)).frames
     with pytest.raises(ValueError, match="warmup_cauchy"):
         nir.separate(frames, "fence", steps=2, device="cpu", warmup_cauchy=-0.1)
@@ -264,7 +266,7 @@ def test_rigid_layer_options_are_validated():
         nir.separate(frames, "reflection", scene_warmup=0.0)
     with pytest.raises(ValueError, match="interference_free_start"):
         nir.separate(frames, "reflection", interference_free_start=1.5)
-    assert separation_config("reflection", "paper").interference_motion == "none"  # the official model
+    assert separation_config("reflection", "paper").get("interference_motion") == "none"  # the official model
 
 
 def test_the_papers_model_keeps_its_saved_state_without_rigid_layer_entries():

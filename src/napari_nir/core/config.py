@@ -308,19 +308,19 @@ def _check(opt: Option, value) -> None:
         return
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            _fail(opt, value, "give a whole number", TypeError)
+            _fail(opt, value, f"give a whole number ({opt.doc})", TypeError)
     elif annotation is float:
         if not _is_number(value):
-            _fail(opt, value, "give a number", TypeError)
+            _fail(opt, value, f"give a number ({opt.doc})", TypeError)
         if not math.isfinite(value):
             _fail(opt, value, "give a finite number")
     elif annotation is str:
         if not isinstance(value, str):
-            _fail(opt, value, "give a string", TypeError)
+            _fail(opt, value, f"give a string ({opt.doc})", TypeError)
         return
     elif annotation is dict:
         if not isinstance(value, dict):
-            _fail(opt, value, "give a dict of options", TypeError)
+            _fail(opt, value, f"give a dict ({opt.doc})", TypeError)
         return
     elif typing.get_origin(annotation) is tuple:
         if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(_is_number(v) and math.isfinite(v)
