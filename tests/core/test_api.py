@@ -123,6 +123,7 @@ def test_callback_progress_preview_and_cancel(small_sample):
     "kwargs, error, match",
     [
         ({"motion": "warp"}, ValueError, "unknown motion"),
+        ({"task": "rain"}, TypeError, "not for fusion"),
         ({"preset": "slow"}, ValueError, "unknown preset"),
         ({"steps": 0}, ValueError, "steps"),
         ({"steps": -5}, ValueError, "steps"),

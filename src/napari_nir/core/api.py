@@ -90,6 +90,9 @@ class FusionJob:
                  device: str = "auto", seed: int = 0, **options):
         if motion not in MOTIONS:
             raise ValueError(f"unknown motion {motion!r}; choose one of {', '.join(MOTIONS)}")
+        if "task" in options:  # a SeparationJob passes its task through _configure, never as an option
+            raise TypeError(f"option task={options['task']!r} is not for fusion: use "
+                            "napari_nir.separate(burst, task) for layer separation")
         steps, seed = _check_common(preset, steps, seed, options)
         self.device = resolve_device(device)
         self.burst = prepare_burst(burst)
