@@ -91,3 +91,27 @@ def test_names_and_visibility_of_each_kind_of_result(fits):
     outlines = next((d, kw) for d, kw, kind in fusion_layer_data(fits["homography"], "burst") if kind == "shapes")
     assert len(outlines[0]) == 3 and all(np.shape(c) == (4, 2) for c in outlines[0])
     assert list(outlines[1]["features"]["frame"]) == [0, 1, 2] and outlines[1]["face_color"] == "transparent"
+
+
+def test_a_new_output_is_one_artefact_entry(tmp_path, monkeypatch):
+    """Adding an output is one entry in the artefact table: the CLI writes it and napari gets a layer of it."""
+    import json
+
+    import napari_nir as nir
+    from napari_nir import cli, io
+    from napari_nir._sample_data import homography_burst
+    from napari_nir.core import result
+
+    toy = result.ArtefactSpec("toy brightness", "image", "TYX", "mean of the fit's frames over the channels",
+                              "toy_brightness.tif", "image", lambda r, v: r.frames(dtype="float32").mean(-1))
+    monkeypatch.setitem(result.ARTEFACTS, toy.role, toy)
+    burst = homography_burst(3, (24, 24), seed=1).frames
+    fit = nir.fuse(burst, **TINY)
+    names = [kwargs["name"] for _, kwargs, _ in fusion_layer_data(fit, "src")]
+    assert "src toy brightness" in names
+    io.write_tiff(tmp_path / "burst.tif", burst, {}, channels=True)
+    assert cli.main(["fuse", str(tmp_path / "burst.tif"), "-o", str(tmp_path / "out"), "--steps", "5",
+                     "--device", "cpu", "--quiet"]) == 0
+    written, meta = io.read_tiff(tmp_path / "out" / "toy_brightness.tif")
+    assert written.shape == (3, 24, 24) and meta["output"] == "toy brightness"
+    assert "toy_brightness.tif" in json.loads((tmp_path / "out" / "provenance.json").read_text())["outputs"]

@@ -123,7 +123,7 @@ def result_layer_data(fit: FusionResult, source_name: str = "burst", *, scale: S
     t_shift, yx_shift = _spatial_and_time(translate, 0.0)
     place = _Placement(t_scale, yx_scale, t_shift, yx_shift, bool(rgb))
     provenance = fit.provenance()
-    artefacts = [a for a in fit.artefacts("union", 1.0, roles=FUSION_ROLES) if a.layer]
+    artefacts = [a for a in fit.artefacts("union", 1.0) if a.layer]
     canonical = next((a for a in artefacts if a.role == "canonical"), None)
     view_size = max(np.shape(canonical.data)[:2]) if canonical is not None else None
     out: list[LayerDataTuple] = []
@@ -299,7 +299,7 @@ def add_fusion_layer_data(viewer: napari.Viewer, source_name: str, layer_data: S
     layers of this source (roles in ``FUSION_ROLES``) that the new result does not have (outlines after a flow
     fit). Returns the layers."""
     made = {kwargs["metadata"][OWNER_KEY]["role"] for _, kwargs, _ in layer_data}
-    for role in FUSION_ROLES:
+    for role in _layer_roles():  # read at each call: the table is the truth, not a copy made at import
         if role not in made:
             for layer in owned_layers(viewer, source_name, role):
                 viewer.layers.remove(layer)
