@@ -22,15 +22,14 @@ already normalised) to the end-of-fit reconstruction, for working frames of shap
 ``scaling``      the copy made while the burst is scaled onto the device (before Adam has state).
 ``render``       one rendering chunk (``render.CHUNK`` points, no autograd): previews and reconstructions.
 ``resize``       (input larger than ``working_size``) three float32 copies of one input frame and two of
-                 the working burst (4 x 2048^2 x 3 -> 1024^2: 171 MiB measured, 240 MiB estimated).
+                 the working burst.
 ``frames``       the end-of-fit reconstruction of one frame at input resolution, which builds the frame's
-                 full coordinate grid (40 + 8 C bytes per input pixel; 56 B measured for C = 3).
-``overhead``     128 MiB (a process's first fit loads kernels and modules: ~85 MiB measured) + 10 %.
+                 full coordinate grid (40 + 8 C bytes per input pixel).
+``overhead``     128 MiB (a process's first fit loads kernels and modules) + 10 %.
 
 On a CUDA device only what lives on the GPU is counted (not the host copy, resize or frame grid).
-
-Measured against peak resident memory on CPU (torch 2.13, 2 cores; after a warm-up fit): the estimate is
-1.3-2x the measured peak for the fast preset at 256-2048 px and 1.2-1.5x for the paper preset.
+The measurements these parts and constants were calibrated on are in benchmarks/DECISIONS.md, "memory
+estimate"; benchmarks/scaling.py measures the peak memory of fits by size.
 
 Setting the environment variable ``NAPARI_NIR_SKIP_MEMORY_CHECK=1`` turns the refusal off (for the rare
 case where the estimate is wrong for a machine: e.g. swap that should be used).
@@ -53,7 +52,7 @@ __all__ = ["available_bytes", "estimate_fit_bytes", "fit_memory_breakdown", "che
 MiB = 1 << 20
 GiB = 1 << 30
 PARAMETER_COPIES = 5      # values, gradients, Adam exp_avg and exp_avg_sq, Adam's temporaries
-OVERHEAD_BYTES = 128 * MiB  # includes the first fit's one-time cost in a process (~85 MiB measured)
+OVERHEAD_BYTES = 128 * MiB  # includes the first fit's one-time cost in a process
 OVERHEAD_FRACTION = 0.10
 IDENTITY_MARGIN = 0.4     # fit.build_model: 0.15 + 0.25 when the motion starts at the identity
 SKIP_ENV = "NAPARI_NIR_SKIP_MEMORY_CHECK"
@@ -212,10 +211,7 @@ def fit_memory_breakdown(shape, config, *, input_shape=None) -> dict[str, int]:
     model = _meta_model(config, (t, h, w, c))
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    # every network evaluated per point; point_floats() calibrated on CPU, 262144 points, torch 2.x: grid field +
-    # homography 1330 B/point per training step (estimate 1.9 kB), 660 B/point forward (0.9 kB); SIREN 256x4 + MLP
-    # homography 10.6 kB (12.6 kB) and 3.1 kB (3.2 kB); SIREN field + SIREN flow 18.6 kB (24.8 kB); the occlusion
-    # preset's 256x5 pair 22.7 kB (31 kB)
+    # every network evaluated per point (point_floats(): calibrated on CPU, benchmarks/DECISIONS.md)
     per_point = [net.point_floats() for net in model.point_networks()]
     point_train = 4 * sum(p[0] for p in per_point) + 100 + 24 * c  # + indices, coordinates, the loss
     point_fwd = 4 * sum(p[1] for p in per_point) + 60 + 8 * c
@@ -244,9 +240,8 @@ def _heap_factor(config, tensor_bytes: int) -> float:
 
     glibc serves blocks below its mmap threshold (which adapts up to 32 MiB) from its heap and keeps what is
     freed, so resident memory grows over the first steps well beyond the live activations and stays there
-    for the rest of the run (what is rendered afterwards comes on top). Measured over 60-150 CPU steps, after
-    the one-time cost of a first fit: SIREN 256x4 with 4096 / 8192 / 16384 points (4-16 MiB tensors) 2.4x /
-    2.7x / 2.7-3.0x the live bytes, with 32768 points (32 MiB, mmap-ed) 1.03x; the grid field 1.5x."""
+    for the rest of the run (what is rendered afterwards comes on top): HEAP_FRAGMENTATION for tensors between
+    the mmap threshold's bounds, 1 outside them (benchmarks/DECISIONS.md, "memory estimate")."""
     if config.runtime.device.startswith("cuda"):
         return 1.0
     return HEAP_FRAGMENTATION if HEAP_BLOCK_MIN <= tensor_bytes < HEAP_BLOCK_LIMIT else 1.0
