@@ -247,9 +247,6 @@ def _job_generator(job, cancelled, source_name: str, scale, translate, rgb: bool
         torch.set_num_threads(restore_threads)
 
 
-_fusion_generator = _job_generator  # the former name
-
-
 class FitFailed(Exception):
     """A RuntimeError raised inside a fit, re-raised as a type the thread worker reports (see above)."""
 
@@ -299,8 +296,7 @@ class JobWidget(Container):
         self.advanced.visible = False
         self.run_button = PushButton(name="run_button", text="Run")
         self.status = Label(name="status", label="", value="")
-        self.extend([self.layer, *self.extra_controls, self.motion, self.preset, self.steps, self.device, self.seed,
-                     self.advanced_toggle, self.advanced, self.run_button, self.status])
+        self.extend([*self._controls(), self.run_button, self.status])
         self.advanced_toggle.changed.connect(self._on_advanced_toggled)
         self.run_button.changed.connect(self._on_button)
 
@@ -444,8 +440,7 @@ class JobWidget(Container):
         now = time.monotonic()
         if now - self._last_status >= STATUS_INTERVAL_S or event.step == event.total:
             self._last_status = now
-            stage = getattr(event, "stage", "fit") or "fit"
-            prefix = "" if stage == "fit" else f"{stage}: "
+            prefix = "" if event.stage == "fit" else f"{event.stage}: "
             self.status.value = (f"{prefix}step {event.step}/{event.total}  loss {event.loss:.4g}  "
                                  f"PSNR {event.psnr:.2f} dB  {event.seconds:.0f} s")
             pbar = getattr(self.worker, "pbar", None)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 # The choices offered on the command line come from the core's tables (motions, presets, tasks, options).
-from .core.config import PRESETS, parse_value
+from .core.config import PRESETS, find_option, parse_value
 from .core.config import options as config_options
 from .core.motions import MOTIONS as MOTION_TABLE
 from .core.tasks import TASKS
@@ -231,12 +231,10 @@ def _one_line(exc: BaseException) -> str:
 
 def _resolve_option(key: str):
     """The Option called ``key`` (flat name or section.attribute), or a CLIError naming close matches."""
+    opt = find_option(key)
+    if opt is not None:
+        return opt
     every = config_options()
-    if key in every:
-        return every[key]
-    for opt in every.values():
-        if opt.path == key:
-            return opt
     names = list(every) + [opt.path for opt in every.values()]
     close = difflib.get_close_matches(key, names, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -559,7 +557,7 @@ def _render_outputs(fit, burst, args, plan: Plan, *, source: str) -> dict:
 
     prov = dict(fit.provenance())
     roles = [role for role, spec in ARTEFACTS.items() if spec.file]
-    artefacts = [a for a in fit.artefacts(extent=plan.extent, scale=plan.scale, roles=roles) if a.file]
+    artefacts = fit.artefacts(extent=plan.extent, scale=plan.scale, roles=roles)
     files = {a.file: _artefact_file(a, prov) for a in artefacts}
     by_role = {a.role: a for a in artefacts}
     files["side_by_side.png"] = ("png", io.side_by_side(_side_by_side_panels(fit, burst, by_role)), None, None)

@@ -11,10 +11,10 @@ import torch
 
 from . import render
 from .build import build_model
-from .burst import prepare_burst, working_frames
+from .burst import prepare_burst, working_frames, working_shape
 from .config import PRESETS
 from .config import options as config_options
-from .memory import check_fit_memory, working_shape
+from .memory import check_fit_memory
 from .motions import MOTIONS
 from .presets import preset_config, separation_config
 from .result import FusionResult, SeparationResult

@@ -15,11 +15,12 @@ Pure numpy: no napari, Qt or magicgui imports.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Burst", "prepare_burst", "working_frames"]
+__all__ = ["Burst", "prepare_burst", "working_shape", "working_frames"]
 
 MIN_SIZE = 8                 # smallest height/width that can be aligned
 _CHUNK = 1 << 20             # elements per float64 temporary (8 MiB)
@@ -382,14 +383,28 @@ def prepare_burst(burst, *, name: str = "burst", min_frames: int = 2) -> Burst:
                  lo_exact=tuple(lo_ints) if lo_ints is not None else None)
 
 
-def working_frames(burst: Burst, working_size: int) -> tuple[np.ndarray, float]:
-    """(T, h, w, C) float32 frames for fitting and the factor fit pixels / input pixels (<= 1)."""
-    longest = max(burst.H, burst.W)
+def working_shape(input_shape, working_size: int) -> tuple[int, int, int, int]:
+    """(T, h, w, C) of the working frames for an input (T, H, W[, C]): downscaled so that the longer side is at
+    most ``working_size`` (0: no limit), never below 8 pixels."""
+    if isinstance(working_size, bool) or not isinstance(working_size, numbers.Integral):
+        raise TypeError(f"working_size must be an integer number of pixels (0: no limit), got {working_size!r}")
+    working_size = int(working_size)
+    t, h, w = (int(v) for v in input_shape[:3])
+    c = int(input_shape[3]) if len(input_shape) > 3 else 1
+    longest = max(h, w)
     if working_size <= 0 or longest <= working_size:
+        return (t, h, w, c)
+    factor = working_size / longest
+    return (t, max(8, round(h * factor)), max(8, round(w * factor)), c)
+
+
+def working_frames(burst: Burst, working_size: int) -> tuple[np.ndarray, float]:
+    """(T, h, w, C) float32 frames for fitting (their shape: ``working_shape``) and the factor fit pixels /
+    input pixels (<= 1)."""
+    _, h, w, _ = working_shape(burst.data.shape, working_size)
+    if (h, w) == (burst.H, burst.W):
         return burst.data, 1.0
     from skimage.transform import resize  # here: scikit-image's import is slow and most bursts need no resize
 
-    factor = working_size / longest
-    h, w = max(8, round(burst.H * factor)), max(8, round(burst.W * factor))
     frames = np.stack([resize(f, (h, w), order=1, anti_aliasing=True) for f in burst.data]).astype(np.float32)
     return frames, w / burst.W

@@ -27,7 +27,7 @@ from dataclasses import field as dc_field
 from typing import Any, Literal
 
 __all__ = ["FitConfig", "OptimiserOptions", "FieldOptions", "MotionOptions", "SeparationOptions", "RuntimeOptions",
-           "Option", "options", "option", "PRESETS", "PRESET_OPTIONS", "parse_value"]
+           "Option", "options", "option", "find_option", "PRESETS", "PRESET_OPTIONS", "parse_value"]
 
 PRESETS = ("fast", "paper")
 
@@ -272,13 +272,18 @@ class FitConfig:
         return self.optimiser.value_range
 
 
-def _resolve(name: str) -> Option:
+def find_option(name: str) -> Option | None:
+    """The option called ``name`` (flat name or ``section.attribute``), or None."""
     if name in _OPTIONS:
         return _OPTIONS[name]
-    for opt in _OPTIONS.values():
-        if opt.path == name:
-            return opt
-    raise TypeError(f"unknown option {name!r}; valid: {', '.join(_OPTIONS)}")
+    return next((opt for opt in _OPTIONS.values() if opt.path == name), None)
+
+
+def _resolve(name: str) -> Option:
+    opt = find_option(name)
+    if opt is None:
+        raise TypeError(f"unknown option {name!r}; valid: {', '.join(_OPTIONS)}")
+    return opt
 
 
 def _is_number(v) -> bool:

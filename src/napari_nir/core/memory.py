@@ -43,8 +43,10 @@ import os
 import torch
 
 from .build import make_model
+from .burst import working_shape
 from .geometry import Normaliser
 from .render import CHUNK
+from .train import points_per_step
 
 __all__ = ["available_bytes", "estimate_fit_bytes", "fit_memory_breakdown", "check_fit_memory", "working_shape",
            "format_bytes"]
@@ -161,22 +163,9 @@ def available_bytes(device: torch.device | str) -> int:
 
 
 # -- what a fit needs ---------------------------------------------------------------------------------
-def working_shape(input_shape, working_size: int) -> tuple[int, int, int, int]:
-    """(T, h, w, C) of the working frames for an input (T, H, W[, C]): ``burst.working_frames``' arithmetic."""
-    if isinstance(working_size, bool) or not isinstance(working_size, numbers.Integral):
-        raise TypeError(f"working_size must be an integer number of pixels (0: no limit), got {working_size!r}")
-    working_size = int(working_size)
-    t, h, w = (int(v) for v in input_shape[:3])
-    c = int(input_shape[3]) if len(input_shape) > 3 else 1
-    longest = max(h, w)
-    if working_size <= 0 or longest <= working_size:
-        return (t, h, w, c)
-    factor = working_size / longest
-    return (t, max(8, round(h * factor)), max(8, round(w * factor)), c)
-
-
 def _batch(config, h: int, w: int) -> int:
-    """Points per step: ``train.fit_steps``' arithmetic (batch <= 0 means H * W // -batch)."""
+    """Points per step (``train.points_per_step``), the option checked first: the estimate can run before
+    validation."""
     batch = config.optimiser.batch
     if isinstance(batch, bool) or not isinstance(batch, numbers.Integral):
         raise TypeError(f"batch must be an integer number of pixels per step (or -k for H*W/k), got {batch!r}")
@@ -184,7 +173,7 @@ def _batch(config, h: int, w: int) -> int:
     if batch == 0:
         raise ValueError("batch must not be 0: use a number of pixels per step (e.g. 16384) or -k for H*W/k "
                          "pixels per step (e.g. -4)")
-    return batch if batch > 0 else max(1024, (h * w) // -batch)
+    return points_per_step(batch, h, w)
 
 
 def _meta_model(config, shape):

@@ -91,11 +91,7 @@ class FusionResult:
     def homographies(self) -> np.ndarray | None:
         """(T, 3, 3) float64: frame-t pixel (col, row, 1) -> pixel of ``canonical(extent="union", scale=1)``.
         None for the flow models (see ``flow()``)."""
-        if self.is_flow:
-            return None
-        to_union = np.linalg.inv(self.canonical_transform("union", 1.0))
-        h = np.einsum("ij,tjk,kl->til", to_union, self._normalised_matrices(), self._input_norm.matrix)
-        return h / h[:, 2:3, 2:3]
+        return None if self.is_flow else self.homographies_to("union", 1.0)
 
     def frame_to_frame(self, t: int, s: int) -> np.ndarray:
         """3x3 homography mapping frame-t pixels to frame-s pixels (homography model)."""
@@ -239,7 +235,8 @@ class FusionResult:
             data, extra = made if isinstance(made, tuple) else (made, {})
             separating = bool(self.config.task)
             visible = spec.visible if not separating or spec.visible_separating is None else spec.visible_separating
-            channels = spec.axes.endswith("[C]") and self.input_layout == "THWC" or spec.axes.endswith("2")
+            # the last axis is channels: the burst's ("[C]", when it has them) or the flow's two components
+            channels = (spec.axes.endswith("[C]") and self.input_layout == "THWC") or spec.axes.endswith("2")
             out.append(Artefact(spec, data, channels, {"convention": spec.description, **extra}, visible))
         return out
 

@@ -19,7 +19,7 @@ from torch import nn
 from .config import FitConfig
 from .stages import stage_at
 
-__all__ = ["ProgressEvent", "fit_steps", "resolve_device", "cpu_fit_settings"]
+__all__ = ["ProgressEvent", "fit_steps", "points_per_step", "resolve_device", "cpu_fit_settings"]
 
 
 @dataclass
@@ -65,6 +65,11 @@ def resolve_device(device: str) -> torch.device:
     raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 
 
+def points_per_step(batch: int, height: int, width: int) -> int:
+    """Pixels drawn per training step: ``batch`` when > 0, else H * W / -batch (at least 1024)."""
+    return batch if batch > 0 else max(1024, (height * width) // -batch)
+
+
 def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: torch.device,
               start: float | None = None, preview: Callable[[nn.Module], np.ndarray] | None = None):
     """Generator: optimise ``model`` on (T, h, w, C) working frames, yielding ``ProgressEvent``s.
@@ -82,7 +87,7 @@ def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: t
     lo, hi = o.value_range
     data = torch.as_tensor(frames, device=device).reshape(-1, c) * (hi - lo) + lo
     norm = model.normaliser
-    batch = o.batch if o.batch > 0 else max(1024, (h * w) // -o.batch)
+    batch = points_per_step(o.batch, h, w)
     gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
     # fused: the update of each tensor in one pass (the multi-kernel update was a third of a step on large grids;
     # benchmarks/RESULTS.md)
