@@ -20,7 +20,9 @@ from napari_nir.core.presets import preset_config, separation_config
 from napari_nir.core.result import ARTEFACTS, Artefact, artefact_files
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-FUSE_OUTPUTS = {"canonical.tif", "frames.tif", "homographies.json", "side_by_side.png", "provenance.json"}
+TRANSFORM_FILES = {"homographies.json", "transforms.json", "transforms.npy", "transforms_pystackreg.npy"}
+FUSE_OUTPUTS = {"canonical.tif", "frames.tif", "registered.tif", "side_by_side.png", "provenance.json",
+                *TRANSFORM_FILES}
 CLI_FILES = {"side_by_side.png", "provenance.json"}
 
 
@@ -73,6 +75,12 @@ class FakeFit:
             return (self.burst[0].copy(), {}) if self.rigid else None
         if role == "outlines":
             return np.zeros((t, 4, 2)), {}
+        if role == "registered":
+            return self.burst.copy(), {"axes": "TYX" if self.burst.ndim == 3 else "TYXC"}
+        if role == "transforms":
+            return {"convention": "fake", "napari-nir": self.homographies.tolist()}, {}
+        if role in ("transforms array", "pystackreg transforms"):
+            return self.homographies, {}
         if role == "flow":
             return np.zeros((t, h, w, 2), np.float32), {}
         if role == "flow colour":
@@ -205,7 +213,7 @@ def test_flow_motion_writes_flow_not_homographies(tmp_path, burst_tif, fake_fuse
     path, burst = burst_tif
     out = tmp_path / "out"
     assert cli.main(["fuse", str(path), "-o", str(out), "--motion", "flow", "--quiet"]) == 0
-    assert set(os.listdir(out)) == FUSE_OUTPUTS - {"homographies.json"} | {"flow.tif", "flow.png"}
+    assert set(os.listdir(out)) == FUSE_OUTPUTS - TRANSFORM_FILES | {"flow.tif", "flow.png"}
     flow, meta = io.read_tiff(out / "flow.tif")
     assert flow.shape == burst.shape[:3] + (2,) and flow.dtype == np.float32 and meta["output"] == "flow"
 
@@ -607,3 +615,35 @@ def test_from_provenance_reproduces_a_real_fit_bit_identically(tmp_path):
     assert a.dtype == b.dtype and np.array_equal(a, b)
     assert json.loads((out / "homographies.json").read_text())["homographies"] == \
         json.loads((again / "homographies.json").read_text())["homographies"]
+
+
+def test_channels_first_stack_is_registered_on_one_channel_and_written_whole(tmp_path, capsys):
+    """--axes TCYX --register-on 0: the fit reads channel 0, registered.tif holds every channel in the input's
+    axes and dtype; the transforms it writes start a second run (pystackreg's convention, as pystackreg reads)."""
+    from napari_nir._sample_data import microscopy_drift_stack
+
+    stack = microscopy_drift_stack(5, (48, 48), max_shift_px=3.0, seed=1).frames  # (5, 2, 48, 48) uint16
+    np.save(tmp_path / "stack.npy", stack)
+    out = tmp_path / "out"
+    code = cli.main(["fuse", str(tmp_path / "stack.npy"), "-o", str(out), "--motion", "rigid", "--axes", "TCYX",
+                     "--register-on", "0", "--steps", "20", "--device", "cpu", "--quiet"])
+    assert code == 0
+    registered = tifffile.imread(out / "registered.tif")
+    assert registered.shape == stack.shape and registered.dtype == np.uint16
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["axes"] == {"input": "TCYX", "registered_on": "channel 0"}
+    assert prov["command"][prov["command"].index("--axes") + 1] == "TCYX"
+    record = json.loads((out / "transforms.json").read_text())
+    ours, theirs = np.load(out / "transforms.npy"), np.load(out / "transforms_pystackreg.npy")
+    np.testing.assert_allclose(ours, record["napari-nir"])
+    np.testing.assert_allclose(theirs @ ours, np.repeat(np.eye(3)[None], 5, 0), atol=1e-9)
+    again = tmp_path / "again"
+    assert cli.main(["fuse", str(tmp_path / "stack.npy"), "-o", str(again), "--motion", "rigid", "--axes", "TCYX",
+                     "--steps", "1", "--device", "cpu", "--quiet", "--init-transforms",
+                     str(out / "transforms_pystackreg.npy"), "--init-convention", "pystackreg"]) == 0
+    started = json.loads((again / "provenance.json").read_text())["initial_transforms"]
+    np.testing.assert_allclose(started, ours, atol=1e-9)
+    capsys.readouterr()
+    assert cli.main(["fuse", str(tmp_path / "stack.npy"), "-o", str(tmp_path / "x"), "--axes", "TCYX",
+                     "--register-on", "two"]) == 2
+    assert "--register-on" in capsys.readouterr().err

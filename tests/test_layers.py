@@ -53,12 +53,13 @@ def test_layers_correspond_one_to_one_to_the_artefacts_with_a_layer(fits, name):
             assert kwargs[key] == value
         layer = Layer.create(layer_data, kwargs, kind)  # napari accepts every argument
         assert list(layer.scale[-2:]) == [2.0, 3.0] and list(layer.translate[-2:]) == [10.0, 20.0]
-        if kind == "vectors" or (kind == "image" and artefact.spec.axes.startswith("T")):
+        axes = artefact.spec.axes
+        if kind == "vectors" or (kind == "image" and (axes.startswith("T") or axes == "source")):
             assert layer.ndim >= 3 and layer.scale[0] == 1.0  # a T axis, with the source's T scale
         else:
             assert layer.ndim == 2 or (kind == "image" and not layer.rgb and layer.ndim == 3)  # (C, Y, X)
         if kind == "image":
-            assert layer.rgb == (name in ("homography", "rain") and artefact.spec.axes.endswith("[C]"))
+            assert layer.rgb == (name in ("homography", "rain") and (axes.endswith("[C]") or axes == "source"))
 
 
 def test_channel_handling(fits):
@@ -82,12 +83,12 @@ def test_names_and_visibility_of_each_kind_of_result(fits):
     def shown(fit):
         return {kw["name"].split(" ", 1)[1]: kw["visible"] for _, kw, _ in fusion_layer_data(fit, "burst")}
 
-    assert shown(fits["homography"]) == {"canonical": True, "frames": False, "outlines": True}
-    assert shown(fits["flow 2 channels"]) == {"canonical": True, "frames": False, "flow vectors": True,
-                                              "flow magnitude": False}
+    assert shown(fits["homography"]) == {"canonical": True, "frames": False, "registered": False, "outlines": True}
+    assert shown(fits["flow 2 channels"]) == {"canonical": True, "frames": False, "registered": False,
+                                              "flow vectors": True, "flow magnitude": False}
     assert shown(fits["occlusion grey"])["occlusion w"] is False
     assert shown(fits["rain"]) == {"scene": True, "interference": False, "alpha": False, "canonical": True,
-                                   "frames": False, "outlines": False}
+                                   "frames": False, "registered": False, "outlines": False}
     outlines = next((d, kw) for d, kw, kind in fusion_layer_data(fits["homography"], "burst") if kind == "shapes")
     assert len(outlines[0]) == 3 and all(np.shape(c) == (4, 2) for c in outlines[0])
     assert list(outlines[1]["features"]["frame"]) == [0, 1, 2] and outlines[1]["face_color"] == "transparent"

@@ -394,8 +394,8 @@ def test_cuda_out_of_memory_ends_the_run_cleanly(monkeypatch):
     real_fit_steps, real_build = api.fit_steps, api.build_model
     built, emptied = [], []
 
-    def build(frames, config, device):
-        model = real_build(frames, config, device)
+    def build(frames, config, device, **kwargs):
+        model = real_build(frames, config, device, **kwargs)
         built.append(weakref.ref(model))
         return model
 

@@ -157,6 +157,11 @@ def separation_layer_data(sep, source_name: str = "burst", *, scale: Sequence[fl
 
 def _image(artefact, place: _Placement, view_size) -> tuple[Any, dict]:
     axes = artefact.spec.axes
+    if axes == "source":  # the input's own axes (registered): a burst's layout, or e.g. T x C x Y x X
+        source = artefact.metadata.get("axes", "TYX")
+        if source not in ("TYX", "TYXC"):
+            return _any_axes(artefact, place, source)
+        axes = "TYX[C]"
     scale, translate = place.axes(time=axes.startswith("T"))
     data = artefact.data
     shown_rgb = False
@@ -165,6 +170,14 @@ def _image(artefact, place: _Placement, view_size) -> tuple[Any, dict]:
         shown_rgb = place.rgb and axes.endswith("[C]") and n in (3, 4)
         data, scale, translate = _channel_axes(data, n, shown_rgb, scale, translate)
     return data, {"rgb": shown_rgb, "scale": scale, "translate": translate, **artefact.spec.display}
+
+
+def _any_axes(artefact, place: _Placement, axes: str) -> tuple[Any, dict]:
+    """An image in an axes order such as "TCYX": T, Y, X placed like the source layer, other axes at unit scale."""
+    scale = {"T": place.t_scale, "Y": place.yx_scale[0], "X": place.yx_scale[1]}
+    shift = {"T": place.t_shift, "Y": place.yx_shift[0], "X": place.yx_shift[1]}
+    return artefact.data, {"rgb": False, "scale": [scale.get(a, 1.0) for a in axes],
+                           "translate": [shift.get(a, 0.0) for a in axes], **artefact.spec.display}
 
 
 def _polygons(artefact, place: _Placement, view_size) -> tuple[Any, dict]:

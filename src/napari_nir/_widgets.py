@@ -44,8 +44,11 @@ if TYPE_CHECKING:
     from magicgui.widgets.bases import ValueWidget
     from napari.layers import Layer
 
-__all__ = ["JobSpec", "JobWidget", "FuseWidget", "SeparateWidget", "FUSE_SPEC", "SEPARATE_SPEC", "burst_data",
-           "device_choices", "advanced_options"]
+__all__ = ["JobSpec", "JobWidget", "FuseWidget", "SeparateWidget", "ApplyWidget", "FUSE_SPEC", "SEPARATE_SPEC",
+           "FITTED", "burst_data", "layer_axes", "device_choices", "advanced_options"]
+
+# the results fitted in this session by the job widgets, newest last: what "Apply alignment" offers
+FITTED: dict[str, Any] = {}
 
 PREVIEW_INTERVAL_S = 2.0  # the preview layer is refreshed at most this often (the first preview at once)
 STATUS_INTERVAL_S = 0.25  # the status line and progress-bar text
@@ -91,7 +94,7 @@ def _make_fusion_job(data, values: dict, options: dict):
     from .core.api import FusionJob
 
     return FusionJob(data, values["motion"], preset=values["preset"], steps=values["steps"], device=values["device"],
-                     seed=values["seed"], **options)
+                     seed=values["seed"], axes=values.get("axes"), register_on=values.get("register_on"), **options)
 
 
 def _make_separation_job(data, values: dict, options: dict):
@@ -99,7 +102,56 @@ def _make_separation_job(data, values: dict, options: dict):
 
     motion = None if values["motion"] == TASK_DEFAULT else values["motion"]
     return SeparationJob(data, values["task"], motion=motion, preset=values["preset"], steps=values["steps"],
-                         device=values["device"], seed=values["seed"], **options)
+                         device=values["device"], seed=values["seed"], axes=values.get("axes"),
+                         register_on=values.get("register_on"), **options)
+
+
+AXES_CHOICES = ("auto", "TYX", "TCYX", "TZYX", "CTYX", "ZTYX", "TZCYX", "TCZYX")
+
+
+def _axes_control() -> ComboBox:
+    """How to read a layer that is not a plain burst: its axes (auto: the layer's axis labels, or a burst)."""
+    return ComboBox(name="axes", label="axes", choices=list(AXES_CHOICES), value="auto",
+                    tooltip="the layer's axes: T frames, Y, X, C channels, Z planes. auto: the layer's axis labels "
+                            "when they name t, c/z, y, x; else T×H×W, or T×H×W×3/4 shown as RGB")
+
+
+def _register_on_control() -> LineEdit:
+    widget = LineEdit(name="register_on", label="register on", value="",
+                      tooltip="what the fit reads of a C or Z axis: a channel or plane index, or 'max' (the maximum "
+                              "projection over Z); empty: all channels jointly, the maximum projection over Z. "
+                              "The registered output has every channel and plane")
+    widget.native.setPlaceholderText("all channels / max over Z")
+    return widget
+
+
+def parse_register_on(text) -> int | str | None:
+    """The register-on field: "" -> None (the default), "max", or a non-negative index."""
+    text = "" if text is None else str(text).strip().lower()
+    if not text:
+        return None
+    if text == "max":
+        return "max"
+    if text.isdigit():
+        return int(text)
+    raise ValueError(f"register on must be empty, 'max' or a channel/plane index such as 0, got {text!r}")
+
+
+def layer_axes(layer, choice: str = "auto") -> str | None:
+    """The axes string of a layer for a fit (None: a plain burst as ``burst_data`` reads it).
+
+    choice: from the axes menu; "auto" reads the layer's ``axis_labels`` when they are single letters of
+    T, C, Z, Y, X covering T, Y and X (napari's default labels "0", "1", ... say nothing)."""
+    if choice and choice != "auto":
+        return choice
+    if getattr(layer, "rgb", False):
+        return None
+    labels = [str(label).strip().upper() for label in getattr(layer, "axis_labels", ())]
+    letters = "".join(label[:1] for label in labels if len(label) == 1)
+    if len(letters) == len(labels) and set("TYX") <= set(letters) and set(letters) <= set("TCZYX") \
+            and len(set(letters)) == len(letters) and letters not in ("TYX",):
+        return letters
+    return None
 
 
 def _task_control() -> ComboBox:
@@ -120,6 +172,7 @@ FUSE_SPEC = JobSpec(
     title="Fuse burst", verb="Fusing", past="Fused", action="fuse", make_job=_make_fusion_job,
     to_layers=fusion_layer_data, motion_choices=tuple(MOTIONS), motion_tooltip=_motion_tooltip(),
     motion_default="homography",
+    extra_controls=(_axes_control, _register_on_control),
     skip_sections=("separation",),  # fusion ignores them
 )
 
@@ -128,7 +181,7 @@ SEPARATE_SPEC = JobSpec(
     make_job=_make_separation_job, to_layers=separation_layer_data,
     motion_choices=(TASK_DEFAULT, *MOTIONS),  # static choices: magicgui's reset_choices restores these
     motion_tooltip="the scene's motion model; 'task default' uses the task table's choice\n" + _motion_tooltip(),
-    extra_controls=(_task_control,),
+    extra_controls=(_task_control, _axes_control, _register_on_control),
 )
 
 
@@ -168,11 +221,8 @@ def burst_data(layer: Layer, title: str | JobSpec = "Fuse burst"):
                          "(File > Open Files as Stack...) or stack them (np.stack(frames)).")
     if nd == 4:
         raise ValueError(f"layer {name!r} is 4-D {shape} and not RGB, so its layout is ambiguous (T×Z×Y×X? "
-                         f"T×H×W×C?). {title} accepts {ACCEPTED}. For a time series of volumes pick one "
-                         "plane: viewer.add_image(layer.data[:, z]); for colour frames add the layer with "
-                         "rgb=True; for another multichannel burst (channels last) run "
-                         "napari_nir.fuse(layer.data) (or napari_nir.separate) in the console, or split the "
-                         "channels (channel_axis) and run each.")
+                         f"T×C×Y×X?). Choose its layout in the 'axes' menu (e.g. TCYX: channels, TZYX: planes); "
+                         "for colour frames add the layer with rgb=True.")
     raise ValueError(f"layer {name!r} has {nd} axes {shape}; {title} accepts {ACCEPTED}.")
 
 
@@ -354,10 +404,16 @@ class JobWidget(Container):
                 out[flat] = parse_value(flat, text)
         return out
 
-    def _make_job(self, data):
-        """The job for the current settings (validates at once: ValueError/TypeError on bad input)."""
+    def _make_job(self, data, axes: str | None = None):
+        """The job for the current settings (validates at once: ValueError/TypeError on bad input); ``axes``:
+        the layer's axes when it is not a plain burst (``layer_axes``)."""
         options = {**self.fit_options, **self.advanced_values()}
-        return self.spec.make_job(data, self.control_values(), options)
+        values = self.control_values()
+        if "axes" in values:
+            values["axes"] = axes
+        if "register_on" in values:
+            values["register_on"] = parse_register_on(values["register_on"])
+        return self.spec.make_job(data, values, options)
 
     def _on_button(self, *_) -> None:
         if self.worker is None:
@@ -385,8 +441,12 @@ class JobWidget(Container):
                        f"({ACCEPTED}), e.g. File > Open Sample > napari-nir, and pick it under 'burst'.")
             return None
         try:
-            data = burst_data(layer, title)
-            job = self._make_job(data)
+            axes = layer_axes(layer, getattr(getattr(self, "axes", None), "value", "auto"))
+            if axes is None:
+                data = burst_data(layer, title)
+            else:
+                data = layer.data[0] if layer.multiscale else layer.data
+            job = self._make_job(data, axes)
         except (ValueError, TypeError) as exc:
             show_error(f"{title}: {exc}")
             return None
@@ -403,9 +463,17 @@ class JobWidget(Container):
         working = job.config.get("working_size") or longest
         self._preview_factor = longest / min(longest, working, _PREVIEW_MAX_SIDE)
         self._preview_place = ([s * self._preview_factor for s in spatial_scale], spatial_shift)
+        if axes is None:
+            frame_scale, frame_shift = list(layer.scale[-3:]), list(layer.translate[-3:])
+        else:  # T, Y, X of a layer with further axes
+            picks = [axes.index(a) for a in "TYX"]
+            frame_scale = [layer.scale[i] for i in picks]
+            frame_shift = [layer.translate[i] for i in picks]
+            spatial_scale, spatial_shift = frame_scale[1:], frame_shift[1:]
+            self._preview_place = ([s * self._preview_factor for s in spatial_scale], spatial_shift)
         worker = create_worker(
-            _job_generator, job, lambda: self._cancelled, layer.name, list(layer.scale[-3:]),
-            list(layer.translate[-3:]), bool(layer.rgb), worker_threads(), torch.get_num_threads(),
+            _job_generator, job, lambda: self._cancelled, layer.name, frame_scale,
+            frame_shift, bool(layer.rgb), worker_threads(), torch.get_num_threads(),
             self.spec.to_layers,
             _progress={"total": job.config.steps, "desc": f"{self.spec.verb} {layer.name}"},
             _ignore_errors=True,  # errors are shown with show_error by _on_errored, not re-raised
@@ -477,6 +545,7 @@ class JobWidget(Container):
                        f"({type(exc).__name__}: {exc})")
             return
         self.last_result = fit
+        FITTED[f"{self._source} ({fit.motion}, {time.strftime('%H:%M:%S')})"] = fit
         self._outcome = "done"
         psnr = "?" if fit.final_psnr is None else f"{fit.final_psnr:.2f} dB"
         seconds = 0.0 if fit.seconds is None else fit.seconds
@@ -544,3 +613,122 @@ class SeparateWidget(JobWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(napari_viewer, SEPARATE_SPEC)
+
+
+# -- apply a fitted alignment to other layers ---------------------------------------------------------------
+ORDER_CHOICES = (("auto (labels: nearest, images: linear)", "auto"), ("nearest (0)", 0), ("linear (1)", 1),
+                 ("cubic (3)", 3))
+
+
+def apply_to_layer(fit, layer, order="auto", reference="canonical"):
+    """(data, kwargs, layer type) of ``layer`` registered with ``fit`` (``FusionResult.apply``): "<layer>
+    registered", same type (labels stay labels, with order 0), its T, Y, X placed like the layer.
+
+    Axes: the fit's input axes when the layer has the input's shape, an RGB layer as T x H x W x C, else its
+    axis labels when they name T, Y, X (``layer_axes``), else T x H x W. Another resolution of the same frames
+    (same aspect) is scaled."""
+    from napari.layers import Labels
+
+    is_labels = isinstance(layer, Labels)
+    chosen = 0 if (order == "auto" and is_labels) else (1 if order == "auto" else int(order))
+    if is_labels and chosen != 0:
+        raise ValueError(f"layer {layer.name!r} holds labels: use nearest (0) so that no label is invented")
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    axes = None
+    if tuple(np.shape(data)) != tuple(fit.input_shape) or fit.source_axes not in ("TYX", "TYXC"):
+        axes = "TYXC" if getattr(layer, "rgb", False) else layer_axes(layer)
+    if axes is None and tuple(np.shape(data)) != tuple(fit.input_shape) and np.ndim(data) == 3:
+        axes = "TYX"
+    registered = fit.apply(data, axes=axes, order=chosen, reference=reference)
+    letters = axes or (fit.source_axes if tuple(np.shape(data)) == tuple(fit.input_shape) else "TYX")
+    kwargs = {"name": f"{layer.name} registered", "scale": list(layer.scale), "translate": list(layer.translate),
+              "metadata": {OWNER_KEY: {"source": layer.name, "role": "registered"},
+                           "napari_nir": {**fit.provenance(), "output": {"role": "registered", "axes": letters,
+                                                                         "order": chosen,
+                                                                         "reference": reference}}}}
+    if not is_labels:
+        kwargs["rgb"] = bool(getattr(layer, "rgb", False))
+    return registered, kwargs, "labels" if is_labels else "image"
+
+
+class ApplyWidget(Container):
+    """"Apply alignment": register other layers (channels, labels, another resolution) with a fitted result.
+
+    Pick one of this session's fits (``FITTED``, from "Fuse burst" and "Separate layers") and one or more image or
+    labels layers of the same frames; Apply adds "<layer> registered" for each (labels with nearest
+    interpolation: labels are copied, never blended). Runs in a thread worker; ``finished`` is emitted with
+    "done" or "error". For scripts: ``fits``, ``layers``, ``order``, ``reference`` are the controls."""
+
+    finished = Signal(str)
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        from magicgui.widgets import Select
+
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self.fits = ComboBox(name="fits", label="alignment", choices=self._fit_choices,
+                             tooltip="a result fitted in this session by Fuse burst or Separate layers")
+        self.layers = Select(name="layers", label="layers", choices=self._layer_choices,
+                             tooltip="image or labels layers holding the same frames (T, Y, X; any channels)")
+        self.order = ComboBox(name="order", label="interpolation", choices=list(ORDER_CHOICES), value="auto")
+        self.reference = LineEdit(name="reference", label="reference", value="canonical",
+                                  tooltip="'canonical' (the frames' average pose) or a frame index")
+        self.apply_button = PushButton(name="apply_button", text="Apply")
+        self.status = Label(name="status", label="", value="")
+        self.extend([self.fits, self.layers, self.order, self.reference, self.apply_button, self.status])
+        self.apply_button.changed.connect(self.run)
+        self.worker = None
+        events = self._viewer.layers.events
+        for emitter in (events.inserted, events.removed):
+            emitter.connect(self.reset_choices)
+
+    def _fit_choices(self, *_) -> list[tuple[str, Any]]:
+        return [(name, fit) for name, fit in reversed(FITTED.items())]
+
+    def _layer_choices(self, *_) -> list[tuple[str, Any]]:
+        from napari.layers import Image, Labels
+
+        return [(layer.name, layer) for layer in self._viewer.layers
+                if isinstance(layer, (Image, Labels)) and not layer.metadata.get(OWNER_KEY)]
+
+    def run(self, *_):
+        """Start applying; returns the worker, or None with a notification saying why not."""
+        self.reset_choices()
+        fit, layers = self.fits.value, list(self.layers.value or [])
+        if fit is None:
+            show_error("Apply alignment: no fitted alignment yet; run Fuse burst (e.g. motion rigid) first.")
+            return None
+        if not layers:
+            show_error("Apply alignment: pick one or more layers to register.")
+            return None
+        text = str(self.reference.value).strip()
+        reference = int(text) if text.lstrip("-").isdigit() else text
+        order = self.order.value
+
+        def work():
+            return [apply_to_layer(fit, layer, order, reference) for layer in layers]
+
+        worker = create_worker(work, _ignore_errors=True)
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_errored)
+        self.worker = worker
+        self.apply_button.enabled = False
+        self.status.value = f"registering {len(layers)} layer(s)..."
+        worker.start()
+        return worker
+
+    def _on_returned(self, items) -> None:
+        from ._layers import add_layer_data
+
+        add_layer_data(self._viewer, items)
+        self._done("done", f"added {', '.join(kwargs['name'] for _, kwargs, _ in items)}")
+
+    def _on_errored(self, exc: BaseException) -> None:
+        show_error(f"Apply alignment failed: {exc}")
+        self._done("error", "failed: see the notification")
+
+    def _done(self, outcome: str, status: str) -> None:
+        self.worker = None
+        self.apply_button.enabled = True
+        self.status.value = status
+        self.finished.emit(outcome)

@@ -119,6 +119,54 @@ def _add_fit_options(p: argparse.ArgumentParser, *, full: bool) -> None:
                             "or a saved result .npz) on BURST: its motion, preset, steps, seed, device and every "
                             "option; flags and --set given here replace single values")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--axes", default=None, metavar="AXES",
+                       help="the input's axes when it is not T,H,W[,C]: e.g. TCYX (channels) or TZYX (planes); "
+                            "registered.tif keeps them")
+        p.add_argument("--register-on", default=None, metavar="WHICH", dest="register_on",
+                       help="what the fit reads of a C or Z axis: a channel or plane index, or max (the maximum "
+                            "projection over Z; the default for Z); default for C: all channels jointly")
+        p.add_argument("--init-transforms", default=None, metavar="FILE", dest="init_transforms",
+                       help="start from these (T, 3, 3) transforms: a .npy or the transforms.json of an earlier "
+                            "run (napari-nir convention), or pystackreg's tmats with --init-convention pystackreg")
+        p.add_argument("--init-convention", default="napari-nir", choices=("napari-nir", "pystackreg"),
+                       dest="init_convention", help="the convention of --init-transforms (default: napari-nir)")
+
+
+def _input_options(args) -> dict:
+    """axes, register_on and init transforms for napari_nir.fuse/separate (they describe the input, not the fit's
+    configuration)."""
+    from .core.registration import convert_transforms
+
+    out = {}
+    if getattr(args, "axes", None):
+        out["axes"] = args.axes
+    text = getattr(args, "register_on", None)
+    if text is not None:
+        text = text.strip().lower()
+        if text != "max" and not text.isdigit():
+            raise CLIError(f"--register-on {args.register_on!r}: give a channel or plane index (0, 1, ...) or max")
+        out["register_on"] = "max" if text == "max" else int(text)
+    path = getattr(args, "init_transforms", None)
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"no such transforms file: {p}")
+        if p.suffix.lower() == ".json":
+            try:
+                record = json.loads(p.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CLIError(f"{p} is not a JSON transforms record ({exc})") from None
+            key = args.init_convention
+            if not isinstance(record, dict) or key not in record:
+                raise CLIError(f"{p} holds no {key!r} transforms (a transforms.json written by '{PROG} fuse')")
+            matrices = record[key]
+        else:
+            try:
+                matrices = np.load(p, allow_pickle=False)
+            except Exception as exc:  # noqa: BLE001 - any failure of a foreign file is a bad input
+                raise CLIError(f"cannot read transforms from {p}: {exc}") from None
+        out["init"] = convert_transforms(matrices, args.init_convention, "napari-nir")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -512,10 +560,11 @@ def _fit(burst, args, plan: Plan):
         bar.update(max(0, int(event.step) - bar.n))
         return None
 
+    inputs = _input_options(args)
     try:
         if plan.kind == "separate":
-            return napari_nir.separate(burst, callback=progress, **plan.call)
-        return napari_nir.fuse(burst, callback=progress, **plan.call)
+            return napari_nir.separate(burst, callback=progress, **plan.call, **inputs)
+        return napari_nir.fuse(burst, callback=progress, **plan.call, **inputs)
     finally:
         if bar is not None:
             bar.close()
@@ -531,17 +580,27 @@ def _artefact_file(artefact, prov: dict) -> tuple:
                 bool(artefact.channels))
     if suffix == ".json":
         return ("json", artefact.data, None, None)
+    if suffix == ".npy":
+        return ("npy", np.asarray(artefact.data), None, None)
     if suffix == ".png":
         images = list(artefact.data) if artefact.kind == "colour images" else [artefact.data]
         return ("png", io.side_by_side(images), None, None)
     raise RuntimeError(f"artefact {artefact.role!r}: no writer for {artefact.file!r}")
 
 
+def _first_frame(burst, axes: str) -> np.ndarray:
+    """Frame 0 of the input as (H, W[, C]): the first channel and plane of a stack with other axes (e.g. TCYX)."""
+    if axes in ("TYX", "TYXC"):
+        return np.asarray(burst[0])
+    frame = np.moveaxis(np.asarray(burst), [axes.index("Y"), axes.index("X")], [-2, -1])
+    return frame.reshape(-1, *frame.shape[-2:])[0]
+
+
 def _side_by_side_panels(fit, burst, by_role: dict) -> list:
     """The input's first frame next to what the run is for: the scene and interference of a separation, else
     the canonical view."""
     roles = ("scene", "interference") if fit.config.task else ("canonical",)
-    panels = [np.asarray(burst[0])]
+    panels = [_first_frame(burst, fit.source_axes)]
     for role in roles:
         if role in by_role:
             artefact = by_role[role]
@@ -594,6 +653,11 @@ def _command(args, fit, plan: Plan) -> list[str]:
         out += ["--motion", str(params["motion"]), "--preset", str(config.preset), "--seed", str(config.seed)]
     if plan.kind != "demo":
         out += ["--extent", plan.extent, "--scale", f"{plan.scale:g}"]
+        for flag, name in (("--axes", "axes"), ("--register-on", "register_on")):
+            if getattr(args, name, None) is not None:
+                out += [flag, str(getattr(args, name))]
+        if getattr(args, "init_transforms", None):
+            out += ["--init-transforms", str(args.init_transforms), "--init-convention", args.init_convention]
     out += ["--steps", str(config.steps), "--device", str(plan.call.get("device", "auto"))]
     base = baseline.to_dict()
     for flat, value in params.items():
@@ -622,6 +686,8 @@ def _write_all(outdir: Path, files: dict, overwrite: bool, stale: list[str] = ()
                 io.write_tiff(target, payload, meta, channels=channels)
             elif kind == "png":
                 io.write_png(target, payload)
+            elif kind == "npy":
+                np.save(target, payload, allow_pickle=False)
             else:
                 io.write_json(target, payload)
         written = []

@@ -14,9 +14,11 @@ from .build import build_model
 from .burst import prepare_burst, working_frames, working_shape
 from .config import PRESETS
 from .config import options as config_options
+from .geometry import Normaliser
 from .memory import check_fit_memory
 from .motions import MOTIONS
 from .presets import preset_config, separation_config
+from .registration import check_transforms, select_for_fit
 from .result import FusionResult, SeparationResult
 from .tasks import get_task
 from .train import ProgressEvent, cpu_fit_settings, fit_steps, resolve_device
@@ -52,6 +54,8 @@ def fuse(
     device: str = "auto",
     seed: int = 0,
     callback: Callable[[ProgressEvent], bool | None] | None = None,
+    axes: str | None = None,
+    register_on=None,
     **options,
 ) -> FusionResult:
     """Fuse a burst into one canonical view through a learned motion model.
@@ -62,12 +66,19 @@ def fuse(
     device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda[:N]", "mps". seed: makes the run reproducible.
     callback(event): called with every ``ProgressEvent`` (step, total, loss, psnr, seconds, preview);
     returning False stops the fit early (the result is returned with ``completed=False``).
+    axes: the array's axes when it is not (T, H, W[, C]), e.g. "TCYX" or "TZYX" (letters T, Y, X and optionally
+    C, Z); register_on: what the fit reads of a C or Z axis (``core.registration.select_for_fit``: a channel
+    index or None for all channels jointly; a plane index or "max" for Z). ``registered()`` and ``apply()`` then
+    return every channel and plane in these axes.
     options: any other ``FitConfig`` field (e.g. batch, init="identity", working_size, preview_every).
+    ``init`` may also be (T, 3, 3) transforms (frame-t pixel -> reference pixel, the "napari-nir" convention of
+    ``fit.transforms()``; ``convert_transforms`` reads pystackreg's): the fit starts from them.
     Never modifies ``burst``.
     """
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable (called with each progress event) or None, got {callback!r}")
-    job = FusionJob(burst, motion, preset=preset, steps=steps, device=device, seed=seed, **options)
+    job = FusionJob(burst, motion, preset=preset, steps=steps, device=device, seed=seed, axes=axes,
+                    register_on=register_on, **options)
     for event in job.run():
         if callback is not None and callback(event) is False:
             job.stop()
@@ -87,15 +98,29 @@ class FusionJob:
     result_type = FusionResult
 
     def __init__(self, burst, motion: str = "homography", *, preset: str = "fast", steps: int | None = None,
-                 device: str = "auto", seed: int = 0, **options):
+                 device: str = "auto", seed: int = 0, axes: str | None = None, register_on=None, **options):
         if motion not in MOTIONS:
             raise ValueError(f"unknown motion {motion!r}; choose one of {', '.join(MOTIONS)}")
         if "task" in options:  # a SeparationJob passes its task through _configure, never as an option
             raise TypeError(f"option task={options['task']!r} is not for fusion: use "
                             "napari_nir.separate(burst, task) for layer separation")
+        given = options.pop("init", None)
+        initial = None
+        if given is not None and not isinstance(given, str):
+            initial = given
+        elif given is not None:
+            options["init"] = given
         steps, seed = _check_common(preset, steps, seed, options)
         self.device = resolve_device(device)
-        self.burst = prepare_burst(burst)
+        stack, self.registered_on = select_for_fit(burst, axes, register_on)
+        self.source, self.source_axes = burst, (axes.upper() if axes else None)
+        self.burst = prepare_burst(stack)
+        self.initial_transforms = None
+        if initial is not None:
+            if MOTIONS[motion].alignment != "matrices" and not MOTIONS[motion].feature_start(
+                    preset_config(motion, preset, **options)):
+                raise ValueError(f"init transforms need a motion with a homography start; {motion!r} has none")
+            self.initial_transforms = check_transforms(initial, self.burst.T, "init transforms")
         self.config = self._configure(motion, preset, steps=steps, seed=seed, device=str(self.device), **options)
         self.config.validate()
         working = working_shape(self.burst.data.shape, self.config.runtime.working_size)
@@ -121,7 +146,7 @@ class FusionJob:
         out_of_memory = None
         try:
             with cpu_fit_settings(self.device):
-                self.model = build_model(frames, self.config, self.device)
+                self.model = build_model(frames, self.config, self.device, start=self._normalised_start())
                 for event in fit_steps(self.model, frames, self.config, self.device, start=start,
                                        preview=self._preview):
                     self.history.append({"step": event.step, "seconds": round(event.seconds, 4), "loss": event.loss,
@@ -144,6 +169,13 @@ class FusionJob:
                                f"{self.config.runtime.working_size or 'no limit'}), "
                                f"fewer frames, or device='cpu'") from None
 
+    def _normalised_start(self) -> np.ndarray | None:
+        """The given init transforms (frame pixel -> reference pixel) as normalised frame -> canonical matrices."""
+        if self.initial_transforms is None:
+            return None
+        n = Normaliser(self.burst.H, self.burst.W).matrix
+        return np.einsum("ij,tjk,kl->til", n, self.initial_transforms, np.linalg.inv(n))
+
     def _preview(self, model) -> np.ndarray:
         return render.preview_canonical(model, self.config, self.device)
 
@@ -153,7 +185,9 @@ class FusionJob:
             raise RuntimeError("the fit has not started: iterate over job.run() first")
         completed = bool(self.history) and self.history[-1]["step"] == self.config.steps
         result = self.result_type(self.model, self.burst, self.config, list(self.history), self.device,
-                                  seconds=self._seconds, completed=completed)
+                                  seconds=self._seconds, completed=completed, source=self.source,
+                                  source_axes=self.source_axes, registered_on=self.registered_on,
+                                  initial_transforms=self.initial_transforms)
         result.final_psnr = reconstruction_psnr(result)
         return result
 
@@ -164,14 +198,15 @@ class SeparationJob(FusionJob):
     result_type = SeparationResult
 
     def __init__(self, burst, task: str = "reflection", *, motion: str | None = None, preset: str = "fast",
-                 steps: int | None = None, device: str = "auto", seed: int = 0, **options):
+                 steps: int | None = None, device: str = "auto", seed: int = 0, axes: str | None = None,
+                 register_on=None, **options):
         get_task(task)
         if motion is not None and motion not in MOTIONS:
             raise ValueError(f"unknown motion {motion!r}; choose one of {', '.join(MOTIONS)} (or None for the "
                              f"task's default)")
         self._task = task
         super().__init__(burst, motion or get_task(task).default_motion(preset), preset=preset, steps=steps,
-                         device=device, seed=seed, **options)
+                         device=device, seed=seed, axes=axes, register_on=register_on, **options)
 
     def _configure(self, motion, preset, **overrides):
         return separation_config(self._task, preset, motion, **overrides)
@@ -187,6 +222,8 @@ def separate(
     device: str = "auto",
     seed: int = 0,
     callback: Callable[[ProgressEvent], bool | None] | None = None,
+    axes: str | None = None,
+    register_on=None,
     **options,
 ) -> SeparationResult:
     """Separate a burst into a scene and an interference layer (reflection, fence, rain, moire).
@@ -199,7 +236,7 @@ def separate(
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable (called with each progress event) or None, got {callback!r}")
     job = SeparationJob(burst, task, motion=motion, preset=preset, steps=steps, device=device, seed=seed,
-                        **options)
+                        axes=axes, register_on=register_on, **options)
     for event in job.run():
         if callback is not None and callback(event) is False:
             job.stop()

@@ -44,17 +44,22 @@ def initial_homographies(frames: np.ndarray, config: FitConfig, norm: Normaliser
     return centre_gauge(normalised)
 
 
-def build_model(frames: np.ndarray, config: FitConfig, device: torch.device) -> nn.Module:
+def build_model(frames: np.ndarray, config: FitConfig, device: torch.device,
+                start: np.ndarray | None = None) -> nn.Module:
     """The networks for (T, h, w, C) working frames, seeded by the config's seed.
 
-    The motion starts from features (when the motion model takes a homography start, ``init`` allows and
+    start: (T, 3, 3) normalised frame -> reference homographies given by the caller (gauge-centred here); else
+    the motion starts from features (when the motion model takes a homography start, ``init`` allows and
     matching succeeds) or the identity; the field's domain covers every frame's start outline plus room for the
     motion still to be learned.
     """
     t, h, w, c = frames.shape
     norm = Normaliser(h, w)
-    init = initial_homographies(frames, config, norm) if get_motion(config.motion.model).feature_start(config) \
-        else None
+    if start is not None:
+        init = centre_gauge(np.asarray(start, dtype=np.float64))
+    else:
+        init = initial_homographies(frames, config, norm) if get_motion(config.motion.model).feature_start(config) \
+            else None
     start = init if init is not None else np.repeat(np.eye(3)[None], t, 0)
     xmin, xmax, ymin, ymax = frame_bounds(start, norm)
     margin = 0.15 + (0.25 if init is None else 0.0)

@@ -304,8 +304,8 @@ def _check_shape(a: np.ndarray, name: str, min_frames: int) -> None:
             hint = (f"; shape {shape} looks like a single colour image (H, W, C): a burst needs several such "
                     f"images stacked, e.g. np.stack([img0, img1, ...]) -> (T, H, W, C)")
         elif a.ndim == 4 and H < MIN_SIZE and shape[3] >= MIN_SIZE:
-            hint = (f"; if channels come before height and width (T, C, H, W), move them last with "
-                    f"np.moveaxis({name}, 1, -1)")
+            hint = (f"; if channels (or planes) come before height and width (T, C, H, W), say so with "
+                    f"axes='TCYX' (command line: --axes TCYX), or move them last with np.moveaxis({name}, 1, -1)")
         raise ValueError(f"{name} frames are {H}x{W} pixels (shape {shape}); frames must be at least "
                          f"{MIN_SIZE}x{MIN_SIZE} pixels to be aligned{hint}")
 

@@ -151,6 +151,10 @@ def _paper(steps: int, batch: int, loss: str, hidden_layers: int) -> dict:
             "field_options": {"width": 256, "hidden_layers": hidden_layers, "omega0": 30.0}}
 
 
+# what a fit reporting (T, 3, 3) matrices writes besides its canonical view (roles of result.ARTEFACTS)
+MATRIX_ARTEFACTS = ("homographies", "outlines", "transforms", "transforms array", "pystackreg transforms")
+
+
 def _drift(name: str, generators: tuple[int, ...], what: str) -> Motion:
     """A constrained homography: the Lie coefficients of a subgroup only (motion.LieHomography's generators)."""
     return Motion(
@@ -159,7 +163,7 @@ def _drift(name: str, generators: tuple[int, ...], what: str) -> Motion:
         alignment="matrices", featured_ramp=True,
         # no paper configuration exists for these: the paper preset's networks with our Lie parameters
         presets={"paper": {**_paper(3000, -4, "mse", 4), "motion_param": "lie"}},
-        artefacts=("homographies", "outlines"), sample="drift_burst",
+        artefacts=MATRIX_ARTEFACTS, sample="drift_burst",
     )
 
 
@@ -172,7 +176,7 @@ MOTIONS: dict[str, Motion] = {
             build=lambda config, t, domain, init: _homography_net(config, t, init),
             alignment="matrices", featured_ramp=True,
             presets={"paper": _paper(3000, -4, "mse", 4)},
-            artefacts=("homographies", "outlines"), sample="homography_burst",
+            artefacts=MATRIX_ARTEFACTS, sample="homography_burst",
         ),
         Motion(
             name="flow", title="Flow",

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from . import render
+from . import registration, render
 from .build import make_model
 from .burst import Burst
 from .config import FitConfig
-from .geometry import Normaliser, apply_homography, frame_corners, pixel_grid
+from .geometry import Normaliser, apply_homography, frame_corners, grid_shape, pixel_grid
 from .motions import get_motion
 from .tasks import get_task
 from .train import resolve_device
@@ -38,8 +38,15 @@ class FusionResult:
     """
 
     def __init__(self, model, burst: Burst, config: FitConfig, history: list[dict], device: torch.device,
-                 final_psnr: float | None = None, seconds: float | None = None, completed: bool = True):
+                 final_psnr: float | None = None, seconds: float | None = None, completed: bool = True,
+                 source=None, source_axes: str | None = None, registered_on: str = "",
+                 initial_transforms: np.ndarray | None = None):
         self._model = model.eval()
+        # the caller's array (a reference, never written): what registered() resamples, in its own axes
+        self._source = source
+        self.source_axes = source_axes or ("TYX" if burst.layout == "THW" else "TYXC")
+        self.registered_on = registered_on
+        self.initial_transforms = initial_transforms
         self._burst = burst
         self.config = config
         self.history = history
@@ -218,6 +225,101 @@ class FusionResult:
         return np.stack([render.warp_points(self._model, t, xy, self._device)[:, 2].numpy().reshape(b.H, b.W)
                          for t in range(b.T)]).astype(np.float32)
 
+    # -- registration ---------------------------------------------------------------------------------
+    def registration_grid(self, reference="canonical", extent: str = "frame") -> registration.ReferenceGrid:
+        """Where ``registered()`` and ``apply()`` put the frames (``core.registration`` for the conventions):
+        reference "canonical" (the frames' average pose) or a frame index; extent "frame" (the input's size)
+        or "union" (grown to hold every frame)."""
+        b = self._burst
+        reference = registration.check_reference(reference, b.T)
+        extent = registration.check_extent(extent)
+        n = self._input_norm.matrix
+        n_inv = np.linalg.inv(n)
+        if not self.is_flow:
+            m = self._normalised_matrices()
+            if reference != "canonical":
+                m = np.einsum("ij,tjk->tik", np.linalg.inv(m[reference]), m)
+            return registration.matrices_grid(np.einsum("ij,tjk,kl->til", n_inv, m, n), (b.H, b.W), extent)
+        if extent == "union":
+            if reference != "canonical":
+                raise ValueError("extent='union' with a flow motion needs reference='canonical'")
+            xmin, xmax, ymin, ymax = render.flow_bounds(self._model, self._input_norm, self._device)
+            step = 1.0 / self._input_norm.s
+            shape = grid_shape(xmin, xmax, ymin, ymax, step)
+            to_canonical = np.array([[step, 0, xmin + step / 2], [0, step, ymin + step / 2], [0, 0, 1.0]])
+        else:
+            shape, to_canonical = (b.H, b.W), n
+
+        def positions(t: int, grid_xy: np.ndarray) -> np.ndarray:
+            p = torch.as_tensor(registration._apply(to_canonical, grid_xy), dtype=torch.float32)
+            if reference != "canonical":
+                p = render.warp_points(self._model, reference, p, self._device)[:, :2]
+            x = render.unwarp_points(self._model, t, p, self._device).double().numpy()
+            return registration._apply(n_inv, x)
+
+        return registration.ReferenceGrid(shape, None, positions)
+
+    def transforms(self, reference="canonical", *, convention: str = "napari-nir",
+                   extent: str = "frame") -> np.ndarray:
+        """(T, 3, 3) float64 alignment of every frame to the reference grid of ``registered(reference, extent)``.
+
+        convention "napari-nir": frame-t pixel (col, row, 1) -> reference-grid pixel (divide by w).
+        "pystackreg": the inverse, reference-grid pixel -> frame-t pixel (x = col, y = row), as
+        ``StackReg.transform_stack(stack, tmats=...)`` reads it; extent "frame" only (pystackreg keeps the
+        input's size). Matrix motions only (flow models: ``flow()``)."""
+        if self.is_flow:
+            raise ValueError(f"transforms() is for matrix motions; this result used {self.motion!r}: use flow()")
+        if convention not in registration.CONVENTIONS:
+            raise ValueError(f"convention must be one of {', '.join(registration.CONVENTIONS)}, got {convention!r}")
+        if convention == "pystackreg" and extent != "frame":
+            raise ValueError("pystackreg transforms describe a grid of the input's size: use extent='frame'")
+        m = self.registration_grid(reference, extent).transforms
+        return registration.convert_transforms(m, "napari-nir", convention)
+
+    def registered(self, reference="canonical", *, order: int = 1, extent: str = "frame", fill: float = 0.0):
+        """The input resampled onto one common grid: every frame (every channel and plane of the input, in its
+        own axes order, ``source_axes``) in the input's dtype, Y and X replaced by the grid's size. Values never
+        leave each frame's range (cubic overshoot clipped, integers rounded); pixels no frame covers are
+        ``fill``. order 0 nearest, 1 linear, 3 cubic. A dask input gives a lazy dask array (one task per frame).
+        Equal to ``apply(input)``; after ``load`` the input is not stored: use ``apply(array)``."""
+        if self._source is None:
+            raise ValueError("this result does not hold its input (it was loaded from a file): use "
+                             "fit.apply(array) with the burst's array")
+        return self.apply(self._source, axes=self.source_axes, order=order, reference=reference, extent=extent,
+                          fill=fill)
+
+    def apply(self, array, *, axes: str | None = None, order: int = 1, reference="canonical",
+              extent: str = "frame", scale: float | None = None, fill: float = 0.0):
+        """Apply the fitted alignment to another array of the same frames: other channels, planes, a labels
+        layer (``order=0``: labels are copied, never blended), or another resolution of the same data.
+
+        array: T, Y, X in the positions ``axes`` names (any further C / Z axes); numpy, dask or zarr, any real
+        dtype. axes: default the input's (``source_axes``) when the shape matches, else "TYX" / "TYXC".
+        scale: pixels of ``array`` per fitted pixel (default: from the Y, X sizes). Returns the same kind of
+        array as ``registered()``: same axes order and dtype, Y, X the grid's (times ``scale``)."""
+        order = registration.check_order(order)
+        shape = tuple(int(s) for s in np.shape(array))
+        if axes is None and len(shape) == len(self.source_axes) and self._source is not None \
+                and shape == tuple(np.shape(self._source)):
+            axes = self.source_axes
+        letters = registration.parse_axes(axes, shape)
+        if getattr(array, "dtype", None) is None or np.dtype(array.dtype).kind not in "fiub":
+            raise TypeError(f"apply() needs a real numeric array, got {type(array).__name__} of dtype "
+                            f"{getattr(array, 'dtype', None)}")
+        b = self._burst
+        t, y, x = (shape[letters.index(a)] for a in "TYX")
+        if t != b.T:
+            raise ValueError(f"the array has {t} frames on its T axis ({letters!r}, shape {shape}); the fit has {b.T}")
+        factor = y / b.H if scale is None else float(scale)
+        if not np.isfinite(factor) or factor <= 0 or (round(b.H * factor), round(b.W * factor)) != (y, x):
+            raise ValueError(f"the array's frames are {y} x {x} pixels; the fit's are {b.H} x {b.W}" +
+                             ("" if scale is None else f" (times scale={scale})") + ": give an array of the "
+                             "same frames (another channel, plane, labels, or a resolution with the same aspect)")
+        grid = self.registration_grid(reference, extent).scaled(factor, (y, x))
+        if _is_dask(array):
+            return _lazy_resample(array, letters, grid, order, float(fill))
+        return registration.resample_stack(array, letters, grid, order, float(fill))
+
     # -- every output, as one list -----------------------------------------------------------------
     def artefacts(self, extent: str = "union", scale: float = 1.0, roles=None) -> list[Artefact]:
         """Every output of this result, in display order (see ``ARTEFACTS``): what the CLI writes, the napari
@@ -236,7 +338,8 @@ class FusionResult:
             separating = bool(self.config.task)
             visible = spec.visible if not separating or spec.visible_separating is None else spec.visible_separating
             # the last axis is channels: the burst's ("[C]", when it has them) or the flow's two components
-            channels = (spec.axes.endswith("[C]") and self.input_layout == "THWC") or spec.axes.endswith("2")
+            channels = ((spec.axes.endswith("[C]") and self.input_layout == "THWC") or spec.axes.endswith("2")
+                        or (spec.axes == "source" and self.source_axes == "TYXC"))
             out.append(Artefact(spec, data, channels, {"convention": spec.description, **extra}, visible))
         return out
 
@@ -253,11 +356,21 @@ class FusionResult:
             "device": str(self._device),
             "input": {"shape": [b.T, b.H, b.W] + ([b.C] if b.layout == "THWC" else []), "dtype": str(b.dtype),
                       "layout": b.layout},
+            **self._registration_provenance(),
             "final_psnr_db": None if self.final_psnr is None else round(float(self.final_psnr), 4),
             "seconds": None if self.seconds is None else round(float(self.seconds), 3),
             "steps_run": self.history[-1]["step"] if self.history else 0,
             "completed": self.completed,
         }
+
+    def _registration_provenance(self) -> dict:
+        """What the fit read of a C / Z axis and the transforms it started from, when the call gave them."""
+        out = {}
+        if self.source_axes not in ("TYX", "TYXC"):
+            out["axes"] = {"input": self.source_axes, "registered_on": self.registered_on}
+        if self.initial_transforms is not None:
+            out["initial_transforms"] = np.asarray(self.initial_transforms).tolist()
+        return out
 
     def save(self, path: str | os.PathLike) -> None:
         """Write this result to ``path`` (.npz: numeric arrays + JSON, never pickle). Atomic."""
@@ -383,6 +496,34 @@ class SeparationResult(FusionResult):
         return super().__repr__().replace("<FusionResult", f"<SeparationResult task={self.task!r}")
 
 
+def _is_dask(array) -> bool:
+    return type(array).__module__.startswith("dask.")
+
+
+def _lazy_resample(array, axes: str, grid, order: int, fill: float):
+    """``registration.resample_stack`` as a dask array: one task per frame, nothing computed here."""
+    import dask
+    import dask.array as da
+
+    t_axis = axes.index("T")
+    out_shape = list(array.shape)
+    out_shape[axes.index("Y")], out_shape[axes.index("X")] = grid.shape
+    out_shape[t_axis] = 1
+    frames = []
+    for t in range(array.shape[t_axis]):
+        key = [slice(None)] * array.ndim
+        key[t_axis] = slice(t, t + 1)
+        block = dask.delayed(_resample_one)(array[tuple(key)], axes, grid, order, fill, t)
+        frames.append(da.from_delayed(block, tuple(out_shape), dtype=array.dtype))
+    return da.concatenate(frames, axis=t_axis)
+
+
+def _resample_one(block: np.ndarray, axes: str, grid, order: int, fill: float, t: int) -> np.ndarray:
+    """One frame's block (T axis of size 1) resampled as frame ``t`` of the fit."""
+    shifted = registration.ReferenceGrid(grid.shape, None, lambda _, xy: grid.positions(t, xy))
+    return registration.resample_stack(block, axes, shifted, order, fill)
+
+
 def _check_dtype(dtype) -> None:
     if dtype not in ("input", "float32"):
         raise ValueError(f"unknown output dtype {dtype!r}; use 'input' (the burst's dtype) or 'float32'")
@@ -452,7 +593,8 @@ class ArtefactSpec:
         "polygons" (T polygons of 4 (row, col) corners on the canonical view), "vectors" ((N, 2, 3) napari
         vectors: start and direction in (t, row, col) pixels), "colour images" ((T, H, W, 3) uint8 shown side
         by side), "record" (a JSON-able dict).
-    axes: of an image's data ("YX[C]", "TYX[C]", "TYX", "TYX2"; "[C]": the burst's channels when it has them).
+    axes: of an image's data ("YX[C]", "TYX[C]", "TYX", "TYX2"; "[C]": the burst's channels when it has them;
+        "source": the input's own axes, ``FusionResult.source_axes``, e.g. "TCYX").
     description: its convention (units, axes, what maps to what), stored with it.
     file: the file the CLI writes (None: napari only); layer: the napari layer type (None: files only).
     visible: shown when added to napari (``visible_separating``: for a separation result, None: the same).
@@ -462,7 +604,7 @@ class ArtefactSpec:
     """
 
     role: str
-    kind: Literal["image", "matrices", "polygons", "vectors", "colour images", "record"]
+    kind: Literal["image", "matrices", "polygons", "vectors", "colour images", "record", "array"]
     axes: str
     description: str
     file: str | None
@@ -566,6 +708,21 @@ def _separated(result, view: _View, name: str):
     return _cached(view, "layers", result.layers)[name]
 
 
+def _registered(result, view: _View):
+    if result._source is None:  # a loaded result does not hold its input
+        return None
+    return result.registered(), {"reference": "canonical", "extent": "frame", "order": 1,
+                                 "axes": result.source_axes}
+
+
+def _transforms_record(result, view: _View) -> dict:
+    b = result._burst
+    return {"convention": TRANSFORMS_CONVENTION, "reference": "canonical", "extent": "frame",
+            "grid_shape": [b.H, b.W], "registered": {"file": "registered.tif"},
+            "napari-nir": result.transforms().tolist(),
+            "pystackreg": result.transforms(convention="pystackreg").tolist()}
+
+
 def _interference_homographies(result, view: _View):
     matrices = result.interference_homographies
     return {"convention": INTERFERENCE_HOMOGRAPHY_CONVENTION, **result.rigid_layer(),
@@ -581,6 +738,11 @@ INTERFERENCE_HOMOGRAPHY_CONVENTION = (
     "frame t to the pixel (col, row, w) of that layer's own frame-sized view (divide by w); frame t -> frame s is "
     "inv(H[s]) @ H[t]; 'score' is how far the residuals' correlation peak stood out, in standard deviations "
     "(>= rigid_layer_score, 10 by default: found)")
+TRANSFORMS_CONVENTION = (
+    "'napari-nir'[t] is a 3x3 matrix mapping a pixel (col, row, 1) of input frame t to the pixel (col, row, w) of the "
+    "registered stack (registered.tif: a grid of the input's size at the frames' average pose; divide by w); pixel "
+    "centres are at integer coordinates. 'pystackreg'[t] is its inverse (registered pixel (x=col, y=row, 1) -> "
+    "frame-t pixel), the tmats that pystackreg's StackReg.transform_stack(stack, tmats=...) reads")
 OCCLUSION_W_CONVENTION = ("(T, H, W) float32 in [-1, 1]: each frame pixel's depth coordinate w in the occlusion "
                           "model's 3-D canonical; the background sits at 0, moving objects elsewhere")
 FLOW_CONVENTION = ("(T, H, W, 2) float32: the displacement (d_row, d_col) in pixels from each frame pixel to the "
@@ -611,6 +773,19 @@ ARTEFACTS: dict[str, ArtefactSpec] = {
                      "recomposed input)", "frames.tif", "image", lambda r, v: r.frames()),
         ArtefactSpec("homographies", "matrices", "T33", HOMOGRAPHY_CONVENTION, "homographies.json", None,
                      _homographies, _motion_has("homographies")),
+        # registration: the input itself on one grid, and the transforms that put it there
+        ArtefactSpec("registered", "image", "source", "every input frame (all its channels and planes) resampled "
+                     "onto one grid of the input's size at the frames' average pose, linear interpolation, in the "
+                     "input's dtype; pixels no frame covers are 0", "registered.tif", "image", _registered),
+        ArtefactSpec("transforms", "matrices", "T33", TRANSFORMS_CONVENTION, "transforms.json", None,
+                     _transforms_record, _motion_has("transforms")),
+        ArtefactSpec("transforms array", "array", "T33", "(T, 3, 3) float64, the 'napari-nir' transforms of "
+                     "transforms.json", "transforms.npy", None, lambda r, v: r.transforms(),
+                     _motion_has("transforms array")),
+        ArtefactSpec("pystackreg transforms", "array", "T33", "(T, 3, 3) float64, the 'pystackreg' tmats of "
+                     "transforms.json: StackReg(...).transform_stack(stack, tmats=np.load(...)) reproduces "
+                     "registered.tif", "transforms_pystackreg.npy", None,
+                     lambda r, v: r.transforms(convention="pystackreg"), _motion_has("pystackreg transforms")),
         ArtefactSpec("outlines", "polygons", "T42", "every frame's corners as (row, col) pixels of the canonical view",
                      None, "shapes", lambda r, v: r.outlines(v.extent, v.scale), _motion_has("outlines"),
                      visible=True, visible_separating=False),
