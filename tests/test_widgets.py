@@ -531,3 +531,101 @@ def test_status_shows_the_stage(make_napari_viewer):
     widget._last_status = -np.inf
     widget._on_yielded(event(4))  # the plain fit: no stage shown
     assert widget.status.value.startswith("step 4/10")
+
+
+@pytest.fixture(scope="module")
+def stack():
+    from napari_nir._sample_data import microscopy_drift_stack
+
+    return microscopy_drift_stack(5, (48, 48), max_shift_px=3.0, seed=1)  # frames (5, 2, 48, 48) uint16
+
+
+def test_channels_layer_is_read_by_its_axis_labels_and_registered_whole(make_napari_viewer, qtbot, stack, notes):
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(stack.frames.copy(), name="cells", axis_labels=("t", "c", "y", "x"))
+    layer.scale = (1.0, 1.0, 0.5, 0.5)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-nir", "Fuse burst")
+    widget.layer.value = layer
+    widget.motion.value = "rigid"
+    widget.steps.value = 20
+    widget.device.value = "cpu"
+    widget.register_on.value = "1"
+    widget.fit_options = dict(FAST)
+    with qtbot.waitSignal(widget.finished, timeout=TIMEOUT_MS) as done:
+        assert widget.run() is not None
+    assert done.args == ["done"], notes
+    registered = viewer.layers["cells registered"]
+    assert registered.data.shape == stack.frames.shape and registered.data.dtype == np.uint16
+    assert list(registered.scale) == [1.0, 1.0, 0.5, 0.5]
+    assert widget.last_result.provenance()["axes"] == {"input": "TCYX", "registered_on": "channel 1"}
+    np.testing.assert_array_equal(layer.data, stack.frames)  # the source layer is untouched
+
+
+def test_ambiguous_4d_layer_asks_for_its_axes(make_napari_viewer, stack, notes):
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(stack.frames.copy(), name="cells")  # napari's default labels say nothing
+    _, widget = viewer.window.add_plugin_dock_widget("napari-nir", "Fuse burst")
+    widget.layer.value = layer
+    assert widget.run() is None
+    assert "axes" in notes["error"][-1] and "TCYX" in notes["error"][-1]
+    widget.axes.value = "TZYX"
+    widget.register_on.value = "two"
+    assert widget.run() is None and "register on" in notes["error"][-1]
+
+
+def test_apply_alignment_registers_a_labels_layer(make_napari_viewer, qtbot, stack, notes):
+    import napari_nir as nir
+
+    viewer = make_napari_viewer()
+    grey = stack.frames[:, 0]
+    viewer.add_image(grey, name="cells")
+    labels = np.zeros(grey.shape, np.uint8)
+    labels[:, 8:20, 10:30] = 4
+    labels[:, 26:40, 6:40] = 7
+    viewer.add_labels(labels, name="nuclei")
+    fit = nir.fuse(grey, "rigid", steps=20, device="cpu", batch=2048)
+    _widgets.FITTED.clear()
+    _widgets.FITTED["cells (rigid)"] = fit
+    _, widget = viewer.window.add_plugin_dock_widget("napari-nir", "Apply alignment")
+    assert isinstance(widget, _widgets.ApplyWidget)
+    widget.reset_choices()
+    widget.layers.value = [viewer.layers["nuclei"], viewer.layers["cells"]]
+    with qtbot.waitSignal(widget.finished, timeout=TIMEOUT_MS) as done:
+        assert widget.run() is not None
+    assert done.args == ["done"], notes
+    registered = viewer.layers["nuclei registered"]
+    assert type(registered).__name__ == "Labels" and set(np.unique(registered.data)) <= {0, 4, 7}
+    np.testing.assert_array_equal(viewer.layers["cells registered"].data, fit.registered())
+    _widgets.FITTED.clear()
+
+
+def test_gui_stays_responsive_during_a_200_frame_fit(make_napari_viewer, qtbot, notes):
+    """The longest gap between ticks of a 10 ms GUI timer while a 200-frame fit runs in the worker (small frames:
+    the event loop is what is measured, not the fit)."""
+    import time
+
+    from qtpy.QtCore import QTimer
+
+    rng = np.random.default_rng(0)
+    base = rng.random((40, 40)).astype(np.float32)
+    frames = np.stack([np.roll(base, (t % 3, t % 5), (0, 1)) for t in range(200)])
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(frames, name="long")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-nir", "Fuse burst")
+    widget.layer.value = layer
+    widget.motion.value = "translation"
+    widget.steps.value = 60
+    widget.device.value = "cpu"
+    widget.fit_options = {"preview_every": 5, "batch": 4096, "init": "identity"}
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(10)
+    with qtbot.waitSignal(widget.finished, timeout=TIMEOUT_MS) as done:
+        assert widget.run() is not None
+    timer.stop()
+    assert done.args == ["done"], notes
+    gaps = np.diff(ticks)
+    assert len(gaps) > 20
+    print(f"200-frame fit: {len(gaps)} timer ticks, longest event-loop stall {gaps.max() * 1000:.0f} ms")
+    assert gaps.max() < 0.2, f"longest event-loop stall {gaps.max() * 1000:.0f} ms"
