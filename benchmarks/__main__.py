@@ -38,6 +38,20 @@ def markdown(table: dict) -> str:
 
 
 HEADLINE = ("<!-- headline -->", "<!-- /headline -->")
+SECTIONS = ("fusion", "separation", "scaling", "registration")
+
+
+def section_block(name: str, text: str) -> str:
+    return f"<!-- section:{name} -->\n{text}<!-- /section:{name} -->\n"
+
+
+def merge_section(existing: str, name: str, block: str) -> str:
+    """``existing`` with the section ``name`` replaced by ``block`` (appended when it has none)."""
+    start, end = existing.find(f"<!-- section:{name} -->"), existing.find(f"<!-- /section:{name} -->")
+    if start < 0 or end < start:
+        return existing.rstrip("\n") + "\n\n" + block
+    end += len(f"<!-- /section:{name} -->\n")
+    return existing[:start] + block + existing[end:]
 
 
 def kept_headline(path: Path) -> str:
@@ -59,31 +73,40 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(HERE / "RESULTS.md"), help="markdown file to write ('-': none)")
     parser.add_argument("--images", default=str(HERE.parent / "docs" / "images"),
                         help="folder for result images ('-': none)")
-    parser.add_argument("--only", default="fusion,separation,scaling",
-                        help="comma-separated sections: fusion, separation, scaling")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections: {', '.join(SECTIONS)}; with a subset, the other sections of "
+                             "an existing output file are kept")
     args = parser.parse_args(argv)
-    from . import fusion, scaling, separation
+    from . import fusion, registration, scaling, separation
 
     info = machine()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
     images = None if args.images == "-" else Path(args.images)
     sections = {s.strip() for s in args.only.split(",")}
-    unknown = sections - {"fusion", "separation", "scaling"}
+    unknown = sections - set(SECTIONS)
     if unknown:
-        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; use fusion, separation, scaling")
-    tables = []
-    if "fusion" in sections:
-        tables += fusion.run(args.quick, args.device, images)
-    if "separation" in sections:
-        tables += separation.run(args.quick, args.device, images)
-    if "scaling" in sections:
-        tables += scaling.run(args.quick, args.device)
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; use {', '.join(SECTIONS)}")
+    runs = {"fusion": lambda: fusion.run(args.quick, args.device, images),
+            "separation": lambda: separation.run(args.quick, args.device, images),
+            "scaling": lambda: scaling.run(args.quick, args.device),
+            "registration": lambda: registration.run(args.quick, args.device)}
+    by_section = {name: runs[name]() for name in SECTIONS if name in sections}
+    tables = [t for name in by_section for t in by_section[name]]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     body = "\n".join(markdown(t) for t in tables)
     print(body)
     print(f"peak RSS of the whole benchmark process: {peak_mb:.0f} MB")
-    if args.output != "-":
-        only = "" if sections == {"fusion", "separation", "scaling"} else f" --only {args.only}"
+    if args.output != "-" and sections != set(SECTIONS) and Path(args.output).exists():
+        text = Path(args.output).read_text()
+        stamp = (f"Command: `python -m benchmarks{' --quick' if args.quick else ''} --device {args.device} --only "
+                 f"{args.only}`; machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + "\n\n")
+        for name, section_tables in by_section.items():
+            text = merge_section(text, name, section_block(name, stamp + "\n".join(markdown(t)
+                                                                                     for t in section_tables)))
+        Path(args.output).write_text(text)
+        print(f"updated the {', '.join(by_section)} section(s) of {args.output}")
+    elif args.output != "-":
+        only = "" if sections == set(SECTIONS) else f" --only {args.only}"
         out_arg = "" if Path(args.output).resolve() == (HERE / "RESULTS.md").resolve() else \
             f" --output {Path(args.output).as_posix()}"
         head = ["# napari-nir benchmark results", "", kept_headline(Path(args.output)),
@@ -91,6 +114,8 @@ def main(argv=None) -> int:
                 f"{only}{out_arg}`", "",
                 "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
                 f"Peak RSS of the benchmark process: {peak_mb:.0f} MB", ""]
+        body = "\n".join(section_block(name, "\n".join(markdown(t) for t in section_tables))
+                         for name, section_tables in by_section.items())
         Path(args.output).write_text("\n".join(head) + "\n" + body)
         print(f"wrote {args.output}")
     return 0

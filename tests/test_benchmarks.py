@@ -54,7 +54,7 @@ def test_separation_tables_are_produced(monkeypatch):
     monkeypatch.setattr(separation, "separation_burst",
                         lambda task, n, size, **kw: _sample_data.separation_burst(task, 3, (32, 32), **kw))
     real_separate = separation.nir.separate
-    monkeypatch.setattr(separation.nir, "separate", lambda *a, **k: real_separate(*a, **{**k, "steps": 20}))
+    monkeypatch.setattr(separation.nir, "separate", lambda *a, **k: real_separate(*a, **{**k, "steps": 5}))
     monkeypatch.setattr(separation, "DATA", Path("/nonexistent"))
     monkeypatch.setitem(separation.PAPER_BUDGET_S, True, 0.5)  # the table's shape, not its figures
     tables = separation.run(True, "cpu", None)
@@ -82,3 +82,46 @@ def test_aligned_baselines_recover_a_static_scene_under_sparse_outliers():
     estimates = aligned_baselines(frames)
     assert psnr(estimates["median"], scene) > 60
     assert psnr(estimates["mean"], scene) < psnr(estimates["median"], scene)
+
+
+def test_registration_tables_and_error_measure(monkeypatch):
+    """The drift-correction benchmark's tables on tiny stacks (speed and figures are not checked here), and its
+    error measure: zero for the truth, the shift itself for a uniformly shifted estimate."""
+    from benchmarks import registration
+    from benchmarks.__main__ import markdown
+    from napari_nir import _sample_data
+
+    truth = np.repeat(np.eye(3)[None], 4, 0)
+    truth[:, 0, 2] = np.arange(4) * 3.0
+    assert registration.pair_error(truth, truth, (32, 32)) == 0
+    shifted = truth.copy()
+    shifted[1, 1, 2] += 0.5  # frame 1 off by half a pixel: half of the 12 ordered pairs see it
+    assert abs(registration.pair_error(shifted, truth, (32, 32)) - 0.5 * np.sqrt(6 / 12)) < 1e-9
+
+    monkeypatch.setitem(registration.SIZES, True, [(4, 48)])
+    monkeypatch.setattr(registration, "IMAGES", ("cell",))
+    monkeypatch.setattr(registration, "_have_pystackreg", lambda: False)  # pystackreg: tests/core/test_registration
+    monkeypatch.setitem(registration.LONG_SIZES, True, ((3,), 32))
+    monkeypatch.setattr(registration, "microscopy_drift_stack",
+                        lambda n, shape, **kw: _sample_data.microscopy_drift_stack(n, shape, max_shift_px=2.0,
+                                                                                   **kw))
+    real_fuse = registration.nir.fuse
+    monkeypatch.setattr(registration.nir, "fuse", lambda *a, **k: real_fuse(*a, **{**k, "steps": 10}))
+    tables = registration.run(True, "cpu")
+    assert len(tables) == 2
+    for table in tables:
+        assert markdown(table).startswith("### ")
+        assert all(len(row) == len(table["header"]) for row in table["rows"])
+    assert [row[0] for row in tables[0]["rows"]][:3] == ["napari-nir translation", "napari-nir rigid",
+                                                         "napari-nir affine"]
+    assert tables[0]["rows"][3][2] == "not installed"
+
+
+def test_partial_benchmark_run_keeps_the_other_sections():
+    from benchmarks.__main__ import merge_section, section_block
+
+    text = "# results\n\n" + section_block("fusion", "F1\n") + section_block("scaling", "S1\n")
+    updated = merge_section(text, "scaling", section_block("scaling", "S2\n"))
+    assert "F1" in updated and "S2" in updated and "S1" not in updated
+    appended = merge_section(updated, "registration", section_block("registration", "R\n"))
+    assert appended.startswith(updated.rstrip("\n")) and appended.endswith(section_block("registration", "R\n"))

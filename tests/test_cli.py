@@ -35,6 +35,7 @@ class FakeFit:
         self.config = config
         self.motion = config.motion.model
         self.rigid = rigid  # a separation's interference has a rigid layer
+        self.source_axes = "TYX" if self.burst.ndim == 3 else "TYXC"
         self.history = [{"step": 1, "seconds": 0.1, "loss": 0.5, "psnr": 10.0},
                         {"step": 2, "seconds": 0.2, "loss": 0.25, "psnr": 12.0}]
         self.canonical_calls = []

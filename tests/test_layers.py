@@ -52,7 +52,10 @@ def test_layers_correspond_one_to_one_to_the_artefacts_with_a_layer(fits, name):
         for key, value in artefact.spec.display.items():
             assert kwargs[key] == value
         layer = Layer.create(layer_data, kwargs, kind)  # napari accepts every argument
-        assert list(layer.scale[-2:]) == [2.0, 3.0] and list(layer.translate[-2:]) == [10.0, 20.0]
+        # the registered stack sits where its pixels are on the canonical view; everything else at the source's place
+        row, col = artefact.metadata.get("origin_in_canonical", (0.0, 0.0))
+        assert list(layer.scale[-2:]) == [2.0, 3.0]
+        np.testing.assert_allclose(layer.translate[-2:], [10.0 + 2.0 * row, 20.0 + 3.0 * col])
         axes = artefact.spec.axes
         if kind == "vectors" or (kind == "image" and (axes.startswith("T") or axes == "source")):
             assert layer.ndim >= 3 and layer.scale[0] == 1.0  # a T axis, with the source's T scale

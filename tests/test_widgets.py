@@ -382,7 +382,9 @@ SCREENSHOT_RUNS = {  # docs/images/<name>.png: widget, settings, sample maker
     "occlusion_widget": ("Fuse burst", {"motion": "occlusion"}, "make_occlusion_sample", 400),
     **{f"{task}_widget": ("Separate layers", {"task": task}, f"make_{task}_sample", 600)
        for task in ("reflection", "fence", "rain", "moire")},
+    "drift_widget": ("Fuse burst", {"motion": "rigid"}, "make_microscopy_drift_sample", 0),
 }
+SCREENSHOT_SHOWN = {"drift_widget": ("registered",)}  # result layers shown instead of the canonical view
 
 
 @pytest.mark.skipif(os.environ.get("NIR_SCREENSHOTS") != "1", reason="writes docs/images; set NIR_SCREENSHOTS=1")
@@ -405,6 +407,9 @@ def test_task_screenshots(make_napari_viewer, qtbot, name, notes):
     qtbot.waitUntil(lambda: widget.worker is None, timeout=600_000)
     assert not notes["error"], notes["error"]
     layer.visible = False
+    for role in SCREENSHOT_SHOWN.get(name, ()):
+        viewer.layers[f"{layer.name} canonical"].visible = False
+        viewer.layers[f"{layer.name} {role}"].visible = True
     viewer.reset_view()
     qtbot.wait(300)
     shot = viewer.screenshot(canvas_only=False)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -159,6 +159,10 @@ def _image(artefact, place: _Placement, view_size) -> tuple[Any, dict]:
     axes = artefact.spec.axes
     if axes == "source":  # the input's own axes (registered): a burst's layout, or e.g. T x C x Y x X
         source = artefact.metadata.get("axes", "TYX")
+        # it sits where its pixels are on the canonical view (whose first pixel is at the source's translate)
+        row, col = artefact.metadata.get("origin_in_canonical", (0.0, 0.0))
+        place = replace(place, yx_shift=(place.yx_shift[0] + row * place.yx_scale[0],
+                                         place.yx_shift[1] + col * place.yx_scale[1]))
         if source not in ("TYX", "TYXC"):
             return _any_axes(artefact, place, source)
         axes = "TYX[C]"

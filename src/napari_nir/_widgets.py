@@ -47,8 +47,10 @@ if TYPE_CHECKING:
 __all__ = ["JobSpec", "JobWidget", "FuseWidget", "SeparateWidget", "ApplyWidget", "FUSE_SPEC", "SEPARATE_SPEC",
            "FITTED", "burst_data", "layer_axes", "device_choices", "advanced_options"]
 
-# the results fitted in this session by the job widgets, newest last: what "Apply alignment" offers
+# the results fitted in this session by the job widgets, newest last: what "Apply alignment" offers. Each holds
+# its model and a float32 copy of its burst, so only the last FITTED_KEPT are kept
 FITTED: dict[str, Any] = {}
+FITTED_KEPT = 5
 
 PREVIEW_INTERVAL_S = 2.0  # the preview layer is refreshed at most this often (the first preview at once)
 STATUS_INTERVAL_S = 0.25  # the status line and progress-bar text
@@ -546,6 +548,8 @@ class JobWidget(Container):
             return
         self.last_result = fit
         FITTED[f"{self._source} ({fit.motion}, {time.strftime('%H:%M:%S')})"] = fit
+        while len(FITTED) > FITTED_KEPT:
+            FITTED.pop(next(iter(FITTED)))
         self._outcome = "done"
         psnr = "?" if fit.final_psnr is None else f"{fit.final_psnr:.2f} dB"
         seconds = 0.0 if fit.seconds is None else fit.seconds

@@ -212,3 +212,29 @@ def test_resample_frame_fills_outside_and_copies_labels():
     positions = np.array([[0.0, 0.0], [3.0, 3.0], [-2.0, 1.0], [1.4, 2.6]])  # (col, row)
     out = registration.resample_frame(frame, positions, (1, 4), 0, fill=255)
     assert out.tolist() == [[0, 15, 255, 13]]
+
+
+def test_zarr_input_is_registered_lazily_frame_by_frame(drift, rigid_fit):
+    zarr = pytest.importorskip("zarr")
+    dask_array = pytest.importorskip("dask.array")
+    store = zarr.create_array(store=zarr.storage.MemoryStore(), shape=drift.frames.shape, chunks=(1, 64, 64),
+                              dtype=drift.frames.dtype)
+    store[:] = drift.frames
+    lazy = rigid_fit.apply(store)
+    assert isinstance(lazy, dask_array.Array) and lazy.chunks[0] == (1,) * len(drift.frames)
+    assert np.array_equal(lazy.compute(), rigid_fit.registered())
+
+
+def test_registered_stack_sits_on_the_canonical_view(drift, rigid_fit):
+    """registered_origin: the registered grid's first pixel on the union canonical view; the registered frames
+    there agree with the canonical view (napari overlays them at that offset)."""
+    from scipy.ndimage import map_coordinates
+
+    row, col = rigid_fit.registered_origin()
+    canonical = rigid_fit.canonical(dtype="float32")
+    mean = rigid_fit.registered(order=1).astype(np.float32).mean(0)
+    rr, cc = np.mgrid[10:54, 10:54].astype(float)
+    window = map_coordinates(canonical, [rr + row, cc + col], order=1)  # the same pixels on the canonical view
+    assert np.abs(window - mean[10:54, 10:54]).mean() < 0.02 * np.ptp(drift.frames)
+    shifted = map_coordinates(canonical, [rr + row + 1.5, cc + col], order=1)  # a pixel and a half off: not so
+    assert np.abs(shifted - mean[10:54, 10:54]).mean() > 2 * np.abs(window - mean[10:54, 10:54]).mean()

@@ -14,9 +14,10 @@ from .build import build_model
 from .burst import prepare_burst, working_frames, working_shape
 from .config import PRESETS
 from .config import options as config_options
-from .geometry import Normaliser
+from .geometry import Normaliser, pixel_grid
 from .memory import check_fit_memory
 from .motions import MOTIONS
+from .polish import polish_matrices
 from .presets import preset_config, separation_config
 from .registration import check_transforms, select_for_fit
 from .result import FusionResult, SeparationResult
@@ -127,6 +128,7 @@ class FusionJob:
         # a ValueError naming a size that fits
         check_fit_memory(working, self.config, self.device, input_shape=self.burst.data.shape)
         self.history: list[dict] = []
+        self.polish_report: dict | None = None
         self.model = None
         self._stop = False
         self._seconds = 0.0
@@ -155,6 +157,12 @@ class FusionJob:
                     yield event
                     if self._stop:
                         break
+                iterations = self.config.motion.polish
+                if MOTIONS[self.config.motion.model].polish and iterations and not self._stop and \
+                        not self.config.task:
+                    self.polish_report = polish_matrices(self.model, frames, self.config.value_range, self.device,
+                                                         iterations=iterations)
+                    self._seconds = time.perf_counter() - start
         except torch.cuda.OutOfMemoryError as exc:
             out_of_memory = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
             # keep only the text: the exception's traceback holds the fit's GPU tensors
@@ -188,6 +196,7 @@ class FusionJob:
                                   seconds=self._seconds, completed=completed, source=self.source,
                                   source_axes=self.source_axes, registered_on=self.registered_on,
                                   initial_transforms=self.initial_transforms)
+        result.polish_report = self.polish_report
         result.final_psnr = reconstruction_psnr(result)
         return result
 
@@ -243,12 +252,23 @@ def separate(
     return job.result()
 
 
-def reconstruction_psnr(result: FusionResult) -> float:
-    """PSNR (dB, working range) of every re-rendered frame against the normalised input burst."""
+def reconstruction_psnr(result: FusionResult, max_points: int = 4_000_000) -> float:
+    """PSNR (dB, working range) of the re-rendered frames against the normalised input burst.
+
+    Every pixel up to ``max_points`` pixels in all; a larger burst is measured on a regular grid of every s-th row
+    and column (s the smallest stride that fits), the same estimate at a fraction of the rendering."""
     b = result._burst
+    stride = max(1, math.ceil(math.sqrt(b.T * b.H * b.W / max_points)))
+    norm = Normaliser(b.H, b.W)
+    xy = torch.as_tensor(pixel_grid(b.H, b.W, norm)).reshape(b.H, b.W, 2)[::stride, ::stride].reshape(-1, 2)
     total = 0.0
     for t in range(b.T):
-        frame = render.render_frame(result._model, t, b.H, b.W, result.config.value_range, result._device)
-        total += float(np.mean((frame - b.data[t]) ** 2, dtype=np.float64))
+        if stride == 1:
+            frame = render.render_frame(result._model, t, b.H, b.W, result.config.value_range, result._device)
+            target = b.data[t]
+        else:
+            frame = render.render_points(result._model, t, xy, result.config.value_range, result._device)
+            target = b.data[t, ::stride, ::stride].reshape(-1, b.C)
+        total += float(np.mean((frame - target) ** 2, dtype=np.float64))
     mse = total / b.T
     return -10 * math.log10(max(mse, 1e-12))

@@ -15,7 +15,7 @@ from . import fields
 from .config import FitConfig
 from .geometry import Normaliser, frame_bounds
 from .models import MOVING_MARGIN, FusionModel, SeparationModel, interference_density, interference_init
-from .motion import centre_gauge, feature_homographies
+from .motion import centre_gauge, feature_homographies, phase_translations
 from .motions import get_motion
 from .stages import Stage
 from .tasks import get_task
@@ -28,6 +28,20 @@ def initial_homographies(frames: np.ndarray, config: FitConfig, norm: Normaliser
     m = config.motion
     if m.init == "identity":
         return None
+    if get_motion(m.model).start == "phase":
+        pixel = phase_translations(frames)
+    else:
+        pixel = _feature_start(frames, config)
+    if pixel is None:
+        return None
+    n = norm.matrix
+    normalised = np.einsum("ij,tjk,kl->til", n, pixel, np.linalg.inv(n))
+    return centre_gauge(normalised)
+
+
+def _feature_start(frames: np.ndarray, config: FitConfig) -> np.ndarray | None:
+    """(T, 3, 3) pixel homographies frame t -> frame 0 from feature matches, or None (identity start)."""
+    m = config.motion
     if m.feature_prefilter > 1:
         # thin obstructions (fence wires, rain streaks) are high-contrast corners that feature matching would
         # follow instead of the scene; a median filter wider than they are removes them first
@@ -38,10 +52,7 @@ def initial_homographies(frames: np.ndarray, config: FitConfig, norm: Normaliser
         if m.init == "features":
             raise ValueError("feature-based initialisation failed: too few keypoint matches between consecutive "
                              "frames; use init='identity' (small motions) or a burst with more texture/overlap")
-        return None
-    n = norm.matrix
-    normalised = np.einsum("ij,tjk,kl->til", n, pixel, np.linalg.inv(n))
-    return centre_gauge(normalised)
+    return pixel
 
 
 def build_model(frames: np.ndarray, config: FitConfig, device: torch.device,

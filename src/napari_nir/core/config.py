@@ -88,6 +88,9 @@ class MotionOptions:
         "auto", "start: auto (feature matches when they succeed, else identity), features (required), identity")
     feature_prefilter: int = option(0, "median filter (pixels) on the frames before feature matching (0: none)",
                                     low=0)
+    polish: int = option(3, "drift motions (translation, rigid, similarity, affine): Gauss-Newton iterations that "
+                            "refine every frame's matrix over all its pixels against the canonical view after the "
+                            "fit (0: none)", low=0, high=50)
     flow_base: Literal["homography", "none"] = option(
         "homography", "flow models: a displacement on top of a global homography, or none")
     flow_levels: int = option(4, "levels of the displacement grid", low=1)

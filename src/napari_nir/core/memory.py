@@ -7,7 +7,7 @@ The estimate (:func:`estimate_fit_bytes`, parts in :func:`fit_memory_breakdown`)
 conservative: it is the peak resident memory of a fit, from the moment the job is created (the burst is
 already normalised) to the end-of-fit reconstruction, for working frames of shape (T, h, w, C)::
 
-    peak = data + parameters + retained + max(scaling, activations, render, resize, frames) + overhead
+    peak = data + parameters + retained + max(scaling, activations, render, resize, frames, polish) + overhead
 
 ``data``         the working burst on the device (float32), plus the resized host copy when the input is
                  larger than ``working_size``.
@@ -25,6 +25,7 @@ already normalised) to the end-of-fit reconstruction, for working frames of shap
                  the working burst.
 ``frames``       the end-of-fit reconstruction of one frame at input resolution, which builds the frame's
                  full coordinate grid (40 + 8 C bytes per input pixel).
+``polish``       (drift motions) the frames in the value range and one chunk of the Gauss-Newton refinement.
 ``overhead``     128 MiB (a process's first fit loads kernels and modules) + 10 %.
 
 On a CUDA device only what lives on the GPU is counted (not the host copy, resize or frame grid).
@@ -45,6 +46,8 @@ import torch
 from .build import make_model
 from .burst import working_shape
 from .geometry import Normaliser
+from .motions import get_motion
+from .polish import CHUNK_POINTS as POLISH_CHUNK
 from .render import CHUNK
 from .train import points_per_step
 
@@ -216,6 +219,7 @@ def fit_memory_breakdown(shape, config, *, input_shape=None) -> dict[str, int]:
         "render": int(render_points * point_fwd),
         "resize": (3 * big_h * big_w * c * 4 + 2 * frame_bytes) if resized else 0,
         "frames": big_h * big_w * (40 + 8 * c),
+        "polish": _polish_bytes(config, model, frame_bytes, t * h * w, c),
     }
     parts["retained"] = int(parts["activations"] * (_heap_factor(config, batch * widest * 4) - 1))
     peak = parts["data"] + parts["parameters"] + parts["retained"] + max(parts[k] for k in _TRANSIENT)
@@ -236,7 +240,17 @@ def _heap_factor(config, tensor_bytes: int) -> float:
     return HEAP_FRAGMENTATION if HEAP_BLOCK_MIN <= tensor_bytes < HEAP_BLOCK_LIMIT else 1.0
 
 
-_TRANSIENT = ("scaling", "activations", "render", "resize", "frames")
+def _polish_bytes(config, model, frame_bytes: int, pixels: int, c: int) -> int:
+    """The drift motions' polish (polish.py): the frames in the value range (built through one temporary) and one
+    chunk of points: float64 warps, samples, residuals and per-generator Jacobian columns."""
+    if not (get_motion(config.motion.model).polish and config.motion.polish > 0 and not config.task):
+        return 0
+    k = len(getattr(model.motion, "generators", ())) or 8
+    per_point = 100 + 24 * c + k * (12 + 8 * c)
+    return 2 * frame_bytes + min(POLISH_CHUNK, pixels) * per_point
+
+
+_TRANSIENT = ("scaling", "activations", "render", "resize", "frames", "polish")
 _HOST_ONLY = ("resize", "frames")  # built on the host even when the fit runs on a GPU
 
 

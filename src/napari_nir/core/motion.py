@@ -14,6 +14,8 @@ Homographies:
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -183,6 +185,32 @@ def feature_homographies(frames: np.ndarray, *, max_side: int = 512, seed: int =
         chain.append(chain[-1] @ model.params)
     out = np.asarray(chain)
     return out / out[:, 2:3, 2:3]
+
+
+def phase_translations(frames: np.ndarray, *, max_side: int = 256) -> np.ndarray:
+    """Drift start: (T, H, W[, C]) frames in [0, 1] -> (T, 3, 3) pixel translations frame t -> frame 0.
+
+    Phase correlation (scikit-image's ``phase_cross_correlation``, 1/10 px) between consecutive frames, chained;
+    frames averaged over channels, reduced to at most ``max_side`` pixels (block means) and tapered by a Tukey
+    window (flat in the middle 70 %: a Hann window biases large shifts towards zero) so that the frame edges do
+    not correlate. A start, within a pixel or two for shifts up to a third of the frame; the fit refines it.
+    """
+    from scipy.signal.windows import tukey
+    from skimage.registration import phase_cross_correlation
+
+    grey = frames.mean(-1) if frames.ndim == 4 else frames
+    h, w = grey.shape[1:3]
+    k = max(1, int(math.ceil(max(h, w) / max_side)))
+    small = grey[:, :h // k * k, :w // k * k].reshape(len(grey), h // k, k, w // k, k).mean((2, 4))
+    window = np.outer(tukey(small.shape[1], 0.3), tukey(small.shape[2], 0.3))
+    tapered = (small - small.mean((1, 2), keepdims=True)) * window
+    chain = [np.zeros(2)]
+    for t in range(1, len(tapered)):
+        shift, _, _ = phase_cross_correlation(tapered[t - 1], tapered[t], upsample_factor=10)
+        chain.append(chain[-1] + shift[::-1] * k)  # (d_col, d_row): frame t pixel + shift -> frame t-1 pixel
+    out = np.repeat(np.eye(3)[None], len(grey), 0)
+    out[:, :2, 2] = np.asarray(chain)
+    return out
 
 
 class FlowMotion(nn.Module):

@@ -42,7 +42,11 @@ class Motion:
     build(config, n_frames, domain, init) -> the motion network (seeded draws happen in the caller's order).
     alignment: "matrices" (the fit reports (T, 3, 3) homographies, outlines) or "flow" (per-pixel flow).
     depth: the canonical field has a third coordinate w (occlusion).
-    feature_start(config) -> whether the network takes a feature-matched homography start.
+    feature_start(config) -> whether the network takes a homography start (``init`` "auto"/"features").
+    start: how that start is found: "features" (ORB matches and RANSAC, any homography) or "phase" (phase
+        correlation of consecutive frames: translations, for drift; fast and texture-blind).
+    polish: after the fit, refine every frame's matrix against the canonical view (``polish.py``; the config's
+        ``polish`` iterations).
     featured_ramp: a fusion started from feature matches fades fine levels in sooner (coarse_to_fine_featured).
     presets: {preset: flat option values} on top of ``config.PRESET_OPTIONS``.
     artefacts: result artefact roles this motion adds (see ``result.ARTEFACTS``).
@@ -57,6 +61,8 @@ class Motion:
     alignment: Literal["matrices", "flow"]
     depth: bool = False
     feature_start: Callable[[FitConfig], bool] = lambda config: True
+    start: Literal["features", "phase"] = "features"
+    polish: bool = False
     featured_ramp: bool = False
     presets: dict = field(default_factory=dict)
     artefacts: tuple[str, ...] = ()
@@ -160,9 +166,11 @@ def _drift(name: str, generators: tuple[int, ...], what: str) -> Motion:
     return Motion(
         name=name, title=name.capitalize(), description=what,
         build=lambda config, t, domain, init: nets.LieHomography(t, init=init, generators=generators),
-        alignment="matrices", featured_ramp=True,
-        # no paper configuration exists for these: the paper preset's networks with our Lie parameters
-        presets={"paper": {**_paper(3000, -4, "mse", 4), "motion_param": "lie"}},
+        alignment="matrices", featured_ramp=True, start="phase", polish=True,
+        # fast: half the steps, the motion's Adam steps ending 10x smaller, then the polish (benchmarks/DECISIONS.md
+        # "drift correction"); paper: the paper preset's networks with our Lie parameters
+        presets={"fast": {"lr_final_fraction": 0.01, "steps": 200},
+                 "paper": {**_paper(3000, -4, "mse", 4), "motion_param": "lie"}},
         artefacts=MATRIX_ARTEFACTS, sample="drift_burst",
     )
 

@@ -47,6 +47,7 @@ class FusionResult:
         self.source_axes = source_axes or ("TYX" if burst.layout == "THW" else "TYXC")
         self.registered_on = registered_on
         self.initial_transforms = initial_transforms
+        self.polish_report: dict | None = None  # drift motions: what polish.polish_matrices did (api sets it)
         self._burst = burst
         self.config = config
         self.history = history
@@ -259,6 +260,22 @@ class FusionResult:
 
         return registration.ReferenceGrid(shape, None, positions)
 
+    def registered_origin(self, extent: str = "union", scale: float = 1.0) -> tuple[float, float]:
+        """(row, col) of ``registered()``'s first pixel (reference "canonical", extent "frame") in pixels of
+        ``canonical(extent, scale)``: where the registered stack sits on the canonical view (napari places it
+        there)."""
+        extent, scale = _check_extent(extent), _check_scale(scale)
+        if self.is_flow:
+            if extent != "union":
+                raise ValueError("registered_origin() of a flow motion is on the union canonical view")
+            xmin, _, ymin, _ = render.flow_bounds(self._model, self._input_norm, self._device)
+            step = 1.0 / (self._input_norm.s * scale)
+            to_norm = np.array([[step, 0, xmin + step / 2], [0, step, ymin + step / 2], [0, 0, 1.0]])
+        else:
+            to_norm = self.canonical_transform(extent, scale)
+        point = np.linalg.inv(to_norm) @ self._input_norm.matrix @ np.array([0.0, 0.0, 1.0])
+        return float(point[1] / point[2]), float(point[0] / point[2])
+
     def transforms(self, reference="canonical", *, convention: str = "napari-nir",
                    extent: str = "frame") -> np.ndarray:
         """(T, 3, 3) float64 alignment of every frame to the reference grid of ``registered(reference, extent)``.
@@ -296,7 +313,9 @@ class FusionResult:
         array: T, Y, X in the positions ``axes`` names (any further C / Z axes); numpy, dask or zarr, any real
         dtype. axes: default the input's (``source_axes``) when the shape matches, else "TYX" / "TYXC".
         scale: pixels of ``array`` per fitted pixel (default: from the Y, X sizes). Returns the same kind of
-        array as ``registered()``: same axes order and dtype, Y, X the grid's (times ``scale``)."""
+        array as ``registered()``: same axes order and dtype, Y, X the grid's (times ``scale``); numpy for numpy,
+        a lazy dask array (one task per frame) for dask and zarr inputs, so that a stack larger than memory is
+        registered and written frame by frame (``dask.array.to_zarr``, ``tifffile`` with an iterator)."""
         order = registration.check_order(order)
         shape = tuple(int(s) for s in np.shape(array))
         if axes is None and len(shape) == len(self.source_axes) and self._source is not None \
@@ -316,6 +335,10 @@ class FusionResult:
                              ("" if scale is None else f" (times scale={scale})") + ": give an array of the "
                              "same frames (another channel, plane, labels, or a resolution with the same aspect)")
         grid = self.registration_grid(reference, extent).scaled(factor, (y, x))
+        if type(array).__module__.startswith("zarr"):  # chunked on disk: read and register it frame by frame
+            import dask.array as da
+
+            array = da.from_array(array, chunks=array.chunks)
         if _is_dask(array):
             return _lazy_resample(array, letters, grid, order, float(fill))
         return registration.resample_stack(array, letters, grid, order, float(fill))
@@ -370,6 +393,8 @@ class FusionResult:
             out["axes"] = {"input": self.source_axes, "registered_on": self.registered_on}
         if self.initial_transforms is not None:
             out["initial_transforms"] = np.asarray(self.initial_transforms).tolist()
+        if self.polish_report is not None:
+            out["polish"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in self.polish_report.items()}
         return out
 
     def save(self, path: str | os.PathLike) -> None:
@@ -711,8 +736,9 @@ def _separated(result, view: _View, name: str):
 def _registered(result, view: _View):
     if result._source is None:  # a loaded result does not hold its input
         return None
+    origin = result.registered_origin(view.extent, view.scale)
     return result.registered(), {"reference": "canonical", "extent": "frame", "order": 1,
-                                 "axes": result.source_axes}
+                                 "axes": result.source_axes, "origin_in_canonical": [round(v, 4) for v in origin]}
 
 
 def _transforms_record(result, view: _View) -> dict:
