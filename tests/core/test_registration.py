@@ -200,7 +200,7 @@ def test_flow_registered_aligns_the_frames():
     from napari_nir._sample_data import flow_burst
 
     sample = flow_burst(3, (48, 48), seed=1)
-    fit = nir.fuse(sample.frames, "flow", steps=60, device="cpu", batch=2048)
+    fit = nir.fuse(sample.frames, "flow", steps=30, device="cpu", batch=2048)
     out = fit.registered()
     assert out.shape == sample.frames.shape
     with pytest.raises(ValueError, match="flow"):
