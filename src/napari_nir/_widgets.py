@@ -38,6 +38,7 @@ from ._layers import OWNER_KEY, add_fusion_layer_data, fusion_layer_data, previe
 from .core.config import PRESETS, parse_value
 from .core.config import options as config_options
 from .core.motions import MOTIONS
+from .core.registration import parse_axes, parse_register_on
 
 if TYPE_CHECKING:
     import napari
@@ -125,18 +126,6 @@ def _register_on_control() -> LineEdit:
                               "The registered output has every channel and plane")
     widget.native.setPlaceholderText("all channels / max over Z")
     return widget
-
-
-def parse_register_on(text) -> int | str | None:
-    """The register-on field: "" -> None (the default), "max", or a non-negative index."""
-    text = "" if text is None else str(text).strip().lower()
-    if not text:
-        return None
-    if text == "max":
-        return "max"
-    if text.isdigit():
-        return int(text)
-    raise ValueError(f"register on must be empty, 'max' or a channel/plane index such as 0, got {text!r}")
 
 
 def layer_axes(layer, choice: str = "auto") -> str | None:
@@ -460,19 +449,13 @@ class JobWidget(Container):
         self._outcome = ""
         self._source = layer.name
         self._last_preview = self._last_status = -math.inf
-        spatial_scale, spatial_shift = list(layer.scale[-2:]), list(layer.translate[-2:])
+        picks = [-3, -2, -1] if axes is None else [axes.index(a) for a in "TYX"]  # T, Y, X of the layer
+        frame_scale = [layer.scale[i] for i in picks]
+        frame_shift = [layer.translate[i] for i in picks]
         longest = max(job.burst.H, job.burst.W)
         working = job.config.get("working_size") or longest
         self._preview_factor = longest / min(longest, working, _PREVIEW_MAX_SIDE)
-        self._preview_place = ([s * self._preview_factor for s in spatial_scale], spatial_shift)
-        if axes is None:
-            frame_scale, frame_shift = list(layer.scale[-3:]), list(layer.translate[-3:])
-        else:  # T, Y, X of a layer with further axes
-            picks = [axes.index(a) for a in "TYX"]
-            frame_scale = [layer.scale[i] for i in picks]
-            frame_shift = [layer.translate[i] for i in picks]
-            spatial_scale, spatial_shift = frame_scale[1:], frame_shift[1:]
-            self._preview_place = ([s * self._preview_factor for s in spatial_scale], spatial_shift)
+        self._preview_place = ([s * self._preview_factor for s in frame_scale[1:]], frame_shift[1:])
         worker = create_worker(
             _job_generator, job, lambda: self._cancelled, layer.name, frame_scale,
             frame_shift, bool(layer.rgb), worker_threads(), torch.get_num_threads(),
@@ -638,13 +621,13 @@ def apply_to_layer(fit, layer, order="auto", reference="canonical"):
     if is_labels and chosen != 0:
         raise ValueError(f"layer {layer.name!r} holds labels: use nearest (0) so that no label is invented")
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    same = tuple(np.shape(data)) == tuple(fit.input_shape)
     axes = None
-    if tuple(np.shape(data)) != tuple(fit.input_shape) or fit.source_axes not in ("TYX", "TYXC"):
+    if not same or fit.source_axes not in ("TYX", "TYXC"):
         axes = "TYXC" if getattr(layer, "rgb", False) else layer_axes(layer)
-    if axes is None and tuple(np.shape(data)) != tuple(fit.input_shape) and np.ndim(data) == 3:
-        axes = "TYX"
     registered = fit.apply(data, axes=axes, order=chosen, reference=reference)
-    letters = axes or (fit.source_axes if tuple(np.shape(data)) == tuple(fit.input_shape) else "TYX")
+    # the axes apply() read: these, else the fit's input's (same shape), else a burst's (parse_axes' default)
+    letters = axes or (fit.source_axes if same else parse_axes(None, np.shape(data)))
     kwargs = {"name": f"{layer.name} registered", "scale": list(layer.scale), "translate": list(layer.translate),
               "metadata": {OWNER_KEY: {"source": layer.name, "role": "registered"},
                            "napari_nir": {**fit.provenance(), "output": {"role": "registered", "axes": letters,

@@ -135,17 +135,20 @@ def _add_fit_options(p: argparse.ArgumentParser, *, full: bool) -> None:
 def _input_options(args) -> dict:
     """axes, register_on and init transforms for napari_nir.fuse/separate (they describe the input, not the fit's
     configuration)."""
-    from .core.registration import convert_transforms
+    from .core.registration import convert_transforms, parse_register_on
 
     out = {}
     if getattr(args, "axes", None):
         out["axes"] = args.axes
     text = getattr(args, "register_on", None)
     if text is not None:
-        text = text.strip().lower()
-        if text != "max" and not text.isdigit():
-            raise CLIError(f"--register-on {args.register_on!r}: give a channel or plane index (0, 1, ...) or max")
-        out["register_on"] = "max" if text == "max" else int(text)
+        try:
+            value = parse_register_on(text)
+        except ValueError:
+            value = None
+        if value is None:  # an empty flag is an error here: leave it out for the default
+            raise CLIError(f"--register-on {text!r}: give a channel or plane index (0, 1, ...) or max")
+        out["register_on"] = value
     path = getattr(args, "init_transforms", None)
     if path:
         p = Path(path)

@@ -16,7 +16,7 @@ from .config import PRESETS
 from .config import options as config_options
 from .geometry import Normaliser, pixel_grid
 from .memory import check_fit_memory
-from .motions import MOTIONS
+from .motions import MOTIONS, polishes
 from .polish import polish_matrices
 from .presets import preset_config, separation_config
 from .registration import check_transforms, select_for_fit
@@ -105,25 +105,21 @@ class FusionJob:
         if "task" in options:  # a SeparationJob passes its task through _configure, never as an option
             raise TypeError(f"option task={options['task']!r} is not for fusion: use "
                             "napari_nir.separate(burst, task) for layer separation")
-        given = options.pop("init", None)
-        initial = None
-        if given is not None and not isinstance(given, str):
-            initial = given
-        elif given is not None:
-            options["init"] = given
+        initial = None  # init as (T, 3, 3) transforms rather than one of the option's names
+        if options.get("init") is not None and not isinstance(options["init"], str):
+            initial = options.pop("init")
         steps, seed = _check_common(preset, steps, seed, options)
         self.device = resolve_device(device)
         stack, self.registered_on = select_for_fit(burst, axes, register_on)
         self.source, self.source_axes = burst, (axes.upper() if axes else None)
         self.burst = prepare_burst(stack)
-        self.initial_transforms = None
-        if initial is not None:
-            if MOTIONS[motion].alignment != "matrices" and not MOTIONS[motion].feature_start(
-                    preset_config(motion, preset, **options)):
-                raise ValueError(f"init transforms need a motion with a homography start; {motion!r} has none")
-            self.initial_transforms = check_transforms(initial, self.burst.T, "init transforms")
         self.config = self._configure(motion, preset, steps=steps, seed=seed, device=str(self.device), **options)
         self.config.validate()
+        self.initial_transforms = None
+        if initial is not None:
+            if not MOTIONS[motion].feature_start(self.config):
+                raise ValueError(f"init transforms need a motion with a homography start; {motion!r} has none")
+            self.initial_transforms = check_transforms(initial, self.burst.T, "init transforms")
         working = working_shape(self.burst.data.shape, self.config.runtime.working_size)
         # a ValueError naming a size that fits
         check_fit_memory(working, self.config, self.device, input_shape=self.burst.data.shape)
@@ -157,11 +153,9 @@ class FusionJob:
                     yield event
                     if self._stop:
                         break
-                iterations = self.config.motion.polish
-                if MOTIONS[self.config.motion.model].polish and iterations and not self._stop and \
-                        not self.config.task:
+                if polishes(self.config) and not self._stop:
                     self.polish_report = polish_matrices(self.model, frames, self.config.value_range, self.device,
-                                                         iterations=iterations)
+                                                         iterations=self.config.motion.polish)
                     self._seconds = time.perf_counter() - start
         except torch.cuda.OutOfMemoryError as exc:
             out_of_memory = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
@@ -263,12 +257,8 @@ def reconstruction_psnr(result: FusionResult, max_points: int = 4_000_000) -> fl
     xy = torch.as_tensor(pixel_grid(b.H, b.W, norm)).reshape(b.H, b.W, 2)[::stride, ::stride].reshape(-1, 2)
     total = 0.0
     for t in range(b.T):
-        if stride == 1:
-            frame = render.render_frame(result._model, t, b.H, b.W, result.config.value_range, result._device)
-            target = b.data[t]
-        else:
-            frame = render.render_points(result._model, t, xy, result.config.value_range, result._device)
-            target = b.data[t, ::stride, ::stride].reshape(-1, b.C)
-        total += float(np.mean((frame - target) ** 2, dtype=np.float64))
+        target = b.data[t, ::stride, ::stride]
+        frame = render.render_points(result._model, t, xy, result.config.value_range, result._device)
+        total += float(np.mean((frame.reshape(target.shape) - target) ** 2, dtype=np.float64))
     mse = total / b.T
     return -10 * math.log10(max(mse, 1e-12))

@@ -46,7 +46,7 @@ import torch
 from .build import make_model
 from .burst import working_shape
 from .geometry import Normaliser
-from .motions import get_motion
+from .motions import polishes
 from .polish import CHUNK_POINTS as POLISH_CHUNK
 from .render import CHUNK
 from .train import points_per_step
@@ -243,7 +243,7 @@ def _heap_factor(config, tensor_bytes: int) -> float:
 def _polish_bytes(config, model, frame_bytes: int, pixels: int, c: int) -> int:
     """The drift motions' polish (polish.py): the frames in the value range (built through one temporary) and one
     chunk of points: float64 warps, samples, residuals and per-generator Jacobian columns."""
-    if not (get_motion(config.motion.model).polish and config.motion.polish > 0 and not config.task):
+    if not polishes(config):
         return 0
     k = len(getattr(model.motion, "generators", ())) or 8
     per_point = 100 + 24 * c + k * (12 + 8 * c)

@@ -60,10 +60,14 @@ class FusionModel(nn.Module):
     def forward(self, frame_index: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
         values = self.field(self.motion(frame_index, xy).float())
         if self.exposure:
-            log_gain = self.log_gain - self.log_gain.mean(0, keepdim=True)
-            bias = self.bias - self.bias.mean(0, keepdim=True)
+            log_gain, bias = self.exposure_terms()
             values = values * torch.exp(log_gain[frame_index]) + bias[frame_index]
         return values
+
+    def exposure_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, C) per-frame log gain and bias as ``forward`` applies them (their gauge: zero mean over frames).
+        Only with ``exposure``."""
+        return (self.log_gain - self.log_gain.mean(0, keepdim=True), self.bias - self.bias.mean(0, keepdim=True))
 
     def point_networks(self) -> list[nn.Module]:
         """The networks evaluated at every point of a training step (memory estimate: ``point_floats()``)."""

@@ -31,7 +31,7 @@ from .config import FitConfig
 from .geometry import pixel_grid
 from .stages import Stage
 
-__all__ = ["Motion", "MOTIONS", "get_motion"]
+__all__ = ["Motion", "MOTIONS", "get_motion", "polishes"]
 
 
 @dataclass(frozen=True)
@@ -209,6 +209,12 @@ MOTIONS: dict[str, Motion] = {
         _drift("affine", (0, 1, 2, 3, 4, 5), "an affine map per frame (shear and aspect too, no perspective)"),
     )
 }
+
+
+def polishes(config: FitConfig) -> bool:
+    """Whether a fit of ``config`` ends with the polish (``polish.py``): a fusion whose motion entry asks for it,
+    with ``polish`` iterations > 0."""
+    return get_motion(config.motion.model).polish and config.motion.polish > 0 and not config.task
 
 
 def get_motion(name: str) -> Motion:

@@ -68,7 +68,8 @@ def polish_matrices(model, frames: np.ndarray, value_range, device, *, iteration
     # the gauge-centred coefficients, updated freely here (exp(a + d) ~ exp(d) exp(a) to first order, exact for
     # translations; each iteration re-linearises at the matrices the coefficients give, so the fixed point is the
     # same); the model re-centres them afterwards (a common shift of all frames, below a pixel's hundredth)
-    coeffs = (motion.coeffs - motion.coeffs.mean(0, keepdim=True)).detach().cpu().double().clone()
+    fitted = (motion.coeffs - motion.coeffs.mean(0, keepdim=True)).detach().cpu().double()
+    coeffs = fitted.clone()
     frames_per_chunk = max(1, chunk_points // len(xy))
     updates = torch.zeros(t_count)
     ones = torch.ones(len(xy), 1, dtype=torch.float64)
@@ -120,9 +121,7 @@ def polish_matrices(model, frames: np.ndarray, value_range, device, *, iteration
             delta[wild] = 0.0
             updates[t0:t1] = torch.where(wild, torch.zeros_like(moved), moved).float()
             coeffs[t0:t1] += delta
-    keep = rejected[:, None]
-    fitted = (motion.coeffs - motion.coeffs.mean(0, keepdim=True)).detach().cpu().double()
-    motion.coeffs.copy_(torch.where(keep, fitted, coeffs).to(motion.coeffs.dtype))
+    motion.coeffs.copy_(torch.where(rejected[:, None], fitted, coeffs).to(motion.coeffs.dtype))
     return {"iterations": iterations, "points_per_frame": int(len(xy)), "frames_kept_as_fitted": int(rejected.sum()),
             "mean_update_px": float(updates.mean()), "max_update_px": float(updates.max())}
 
@@ -131,6 +130,5 @@ def _exposure(model, t_count: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, C) per-frame gain and bias as the model's forward applies them (ones and zeros without exposure)."""
     if not getattr(model, "exposure", False):
         return torch.ones(t_count, c), torch.zeros(t_count, c)
-    log_gain = model.log_gain.detach().cpu() - model.log_gain.detach().cpu().mean(0, keepdim=True)
-    bias = model.bias.detach().cpu() - model.bias.detach().cpu().mean(0, keepdim=True)
-    return torch.exp(log_gain).float(), bias.float()
+    log_gain, bias = model.exposure_terms()
+    return torch.exp(log_gain.detach().cpu()).float(), bias.detach().cpu().float()

@@ -24,7 +24,8 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 
 __all__ = ["CONVENTIONS", "ReferenceGrid", "convert_transforms", "check_order", "check_reference",
-           "parse_axes", "select_for_fit", "resample_stack", "check_transforms"]
+           "parse_axes", "parse_register_on", "select_for_fit", "resample_stack", "check_transforms",
+           "transform_points"]
 
 CONVENTIONS = ("napari-nir", "pystackreg")
 EXTENTS = ("frame", "union")
@@ -123,6 +124,19 @@ def parse_axes(axes: str | None, shape: tuple[int, ...]) -> str:
     return letters
 
 
+def parse_register_on(text) -> int | str | None:
+    """``register_on`` from text (a widget field, a command-line flag): "" -> None (the default), "max", or a
+    non-negative index; ValueError otherwise."""
+    text = "" if text is None else str(text).strip().lower()
+    if not text:
+        return None
+    if text == "max":
+        return "max"
+    if text.isdigit():
+        return int(text)
+    raise ValueError(f"register on must be empty, 'max' or a channel/plane index such as 0, got {text!r}")
+
+
 def select_for_fit(array, axes: str | None, register_on=None):
     """The (T, Y, X[, C]) stack a fit reads from an array with ``axes`` -> (stack, what it read: e.g.
     "channel 0", "the maximum projection over Z"; "" for a plain burst).
@@ -210,8 +224,8 @@ class ReferenceGrid:
         transforms = None if self.transforms is None else np.einsum("ij,tjk,kl->til", s, self.transforms, s_inv)
 
         def positions(t: int, grid_xy: np.ndarray) -> np.ndarray:
-            low = _apply(s_inv, grid_xy)
-            return _apply(s, self.positions(t, low))
+            low = transform_points(s_inv, grid_xy)
+            return transform_points(s, self.positions(t, low))
 
         return ReferenceGrid(shape, transforms, positions)
 
@@ -236,10 +250,10 @@ def matrices_grid(frame_to_reference: np.ndarray, frame_shape: tuple[int, int], 
         m = np.einsum("ij,tjk->tik", shift, m)
         shape = (rows, cols)
     inverse = np.linalg.inv(m)
-    return ReferenceGrid(shape, m, lambda t, grid_xy: _apply(inverse[t], grid_xy))
+    return ReferenceGrid(shape, m, lambda t, grid_xy: transform_points(inverse[t], grid_xy))
 
 
-def _apply(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:
+def transform_points(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:
     """(N, 2) points through a 3x3 homography (float64)."""
     xy = np.asarray(xy, dtype=np.float64)
     out = xy @ matrix[:2, :2].T + matrix[:2, 2]
@@ -301,13 +315,13 @@ def _fill_value(fill: float, dtype: np.dtype):
 
 
 def resample_stack(array, axes: str, grid: ReferenceGrid, order: int, fill: float = 0.0,
-                   frames: range | None = None) -> np.ndarray:
+                   first_frame: int = 0) -> np.ndarray:
     """Every frame of ``array`` (axes with T, Y, X; any others) on ``grid`` -> numpy array in the same axes
     order with Y, X replaced by the grid's rows, cols; the same dtype. Reads one frame at a time (numpy,
-    dask, zarr), so a lazy array is computed frame by frame. ``frames``: a subset of T (default: all)."""
+    dask, zarr), so a lazy array is computed frame by frame. ``first_frame``: the fit's frame that the array's
+    first T entry is (a block of a longer stack)."""
     t_axis = axes.index("T")
     shape = tuple(int(s) for s in np.shape(array))
-    frames = range(shape[t_axis]) if frames is None else frames
     rows, cols = grid.shape
     # per frame: the axes without T, with Y and X moved last (the order resample_frame reads)
     rest = axes.replace("T", "")
@@ -315,12 +329,12 @@ def resample_stack(array, axes: str, grid: ReferenceGrid, order: int, fill: floa
     back = list(np.argsort(to_yx))
     out_shape = list(shape)
     out_shape[axes.index("Y")], out_shape[axes.index("X")] = rows, cols
-    out_shape[t_axis] = len(frames)
     out = np.empty(out_shape, dtype=np.dtype(getattr(array, "dtype", np.float64)))
     band = max(1, (1 << 20) // max(cols, 1))
-    for k, t in enumerate(frames):
+    for k in range(shape[t_axis]):
+        t = first_frame + k
         key = [slice(None)] * len(shape)
-        key[t_axis] = t
+        key[t_axis] = k
         frame = np.asarray(array[tuple(key)])
         frame = np.transpose(frame, to_yx)
         planes = []

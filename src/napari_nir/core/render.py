@@ -189,6 +189,16 @@ def flow_bounds(model, norm: Normaliser, device, frames=None) -> tuple[float, fl
     return max(xmin, dx0), min(xmax, dx1), max(ymin, dy0), min(ymax, dy1)
 
 
+def flow_canonical_grid(model, norm: Normaliser, device, extent: str, scale: float):
+    """A flow model's canonical view sampling, like ``canonical_grid``: (to_normalised 3x3 for its pixels,
+    (rows, cols)); an axis-aligned grid of the input's pixel size / scale over the mapped outlines of every
+    frame ("union") or of frame 0 ("first")."""
+    xmin, xmax, ymin, ymax = flow_bounds(model, norm, device, None if extent == "union" else [0])
+    step = 1.0 / (norm.s * scale)
+    to_norm = np.array([[step, 0, xmin + step / 2], [0, step, ymin + step / 2], [0, 0, 1.0]])
+    return to_norm, grid_shape(xmin, xmax, ymin, ymax, step)
+
+
 @torch.no_grad()
 def render_canonical_flow(model, norm: Normaliser, value_range, device, *, depth: bool = False, extent="union",
                           scale=1.0, fill=0.0, w: float | None = None, max_pixels=1 << 26) -> np.ndarray:
@@ -198,19 +208,18 @@ def render_canonical_flow(model, norm: Normaliser, value_range, device, *, depth
     extent "union": all frames' mapped outlines; "first": frame 0's. w (occlusion model): the depth slice
     to render, in [-1, 1]; None: the burst's dominant w (its median over all frames), i.e. the background.
     """
-    xmin, xmax, ymin, ymax = flow_bounds(model, norm, device, None if extent == "union" else [0])
-    step = 1.0 / (norm.s * scale)
-    rows, cols = grid_shape(xmin, xmax, ymin, ymax, step)
+    to_norm, (rows, cols) = flow_canonical_grid(model, norm, device, extent, scale)
     _check_size(rows, cols, scale, max_pixels)
     if depth and w is None:
         w = dominant_w(model, norm, device)
     hx, hy = norm.half_extent()
     band = max(1, CHUNK // cols)
     out = None
-    xs = xmin + step / 2 + step * np.arange(cols)
+    step, x0, y0 = to_norm[0, 0], to_norm[0, 2], to_norm[1, 2]
+    xs = x0 + step * np.arange(cols)
     for r0 in range(0, rows, band):
         r1 = min(rows, r0 + band)
-        ys = ymin + step / 2 + step * np.arange(r0, r1)
+        ys = y0 + step * np.arange(r0, r1)
         xx, yy = np.meshgrid(xs, ys)
         p = torch.as_tensor(np.stack([xx.ravel(), yy.ravel()], 1), dtype=torch.float32)
         q = torch.cat([p, torch.full((len(p), 1), float(w))], 1) if depth else p

@@ -21,7 +21,7 @@ from . import registration, render
 from .build import make_model
 from .burst import Burst
 from .config import FitConfig
-from .geometry import Normaliser, apply_homography, frame_corners, grid_shape, pixel_grid
+from .geometry import Normaliser, apply_homography, frame_corners, pixel_grid
 from .motions import get_motion
 from .tasks import get_task
 from .train import resolve_device
@@ -244,19 +244,17 @@ class FusionResult:
         if extent == "union":
             if reference != "canonical":
                 raise ValueError("extent='union' with a flow motion needs reference='canonical'")
-            xmin, xmax, ymin, ymax = render.flow_bounds(self._model, self._input_norm, self._device)
-            step = 1.0 / self._input_norm.s
-            shape = grid_shape(xmin, xmax, ymin, ymax, step)
-            to_canonical = np.array([[step, 0, xmin + step / 2], [0, step, ymin + step / 2], [0, 0, 1.0]])
+            to_canonical, shape = render.flow_canonical_grid(self._model, self._input_norm, self._device, "union",
+                                                             1.0)
         else:
             shape, to_canonical = (b.H, b.W), n
 
         def positions(t: int, grid_xy: np.ndarray) -> np.ndarray:
-            p = torch.as_tensor(registration._apply(to_canonical, grid_xy), dtype=torch.float32)
+            p = torch.as_tensor(registration.transform_points(to_canonical, grid_xy), dtype=torch.float32)
             if reference != "canonical":
                 p = render.warp_points(self._model, reference, p, self._device)[:, :2]
             x = render.unwarp_points(self._model, t, p, self._device).double().numpy()
-            return registration._apply(n_inv, x)
+            return registration.transform_points(n_inv, x)
 
         return registration.ReferenceGrid(shape, None, positions)
 
@@ -266,11 +264,7 @@ class FusionResult:
         there)."""
         extent, scale = _check_extent(extent), _check_scale(scale)
         if self.is_flow:
-            if extent != "union":
-                raise ValueError("registered_origin() of a flow motion is on the union canonical view")
-            xmin, _, ymin, _ = render.flow_bounds(self._model, self._input_norm, self._device)
-            step = 1.0 / (self._input_norm.s * scale)
-            to_norm = np.array([[step, 0, xmin + step / 2], [0, step, ymin + step / 2], [0, 0, 1.0]])
+            to_norm, _ = render.flow_canonical_grid(self._model, self._input_norm, self._device, extent, scale)
         else:
             to_norm = self.canonical_transform(extent, scale)
         point = np.linalg.inv(to_norm) @ self._input_norm.matrix @ np.array([0.0, 0.0, 1.0])
@@ -318,8 +312,7 @@ class FusionResult:
         registered and written frame by frame (``dask.array.to_zarr``, ``tifffile`` with an iterator)."""
         order = registration.check_order(order)
         shape = tuple(int(s) for s in np.shape(array))
-        if axes is None and len(shape) == len(self.source_axes) and self._source is not None \
-                and shape == tuple(np.shape(self._source)):
+        if axes is None and self._source is not None and shape == tuple(np.shape(self._source)):
             axes = self.source_axes
         letters = registration.parse_axes(axes, shape)
         if getattr(array, "dtype", None) is None or np.dtype(array.dtype).kind not in "fiub":
@@ -538,15 +531,9 @@ def _lazy_resample(array, axes: str, grid, order: int, fill: float):
     for t in range(array.shape[t_axis]):
         key = [slice(None)] * array.ndim
         key[t_axis] = slice(t, t + 1)
-        block = dask.delayed(_resample_one)(array[tuple(key)], axes, grid, order, fill, t)
+        block = dask.delayed(registration.resample_stack)(array[tuple(key)], axes, grid, order, fill, first_frame=t)
         frames.append(da.from_delayed(block, tuple(out_shape), dtype=array.dtype))
     return da.concatenate(frames, axis=t_axis)
-
-
-def _resample_one(block: np.ndarray, axes: str, grid, order: int, fill: float, t: int) -> np.ndarray:
-    """One frame's block (T axis of size 1) resampled as frame ``t`` of the fit."""
-    shifted = registration.ReferenceGrid(grid.shape, None, lambda _, xy: grid.positions(t, xy))
-    return registration.resample_stack(block, axes, shifted, order, fill)
 
 
 def _check_dtype(dtype) -> None:
