@@ -7,12 +7,27 @@ Public API (docs/architecture.md describes the layers behind it)::
     fit.canonical(); fit.frames(); fit.homographies; fit.save("fit.npz"); nir.load("fit.npz")
     fit = nir.fuse(stack, "rigid"); fit.registered(); fit.apply(labels, order=0); fit.transforms()
 """
+import importlib
+
 from ._version import __version__
-from .core.api import FusionJob, SeparationJob, fuse, separate
-from .core.registration import convert_transforms
-from .core.result import FusionResult, SeparationResult, load
-from .core.tasks import TASKS
-from .core.train import ProgressEvent
+
+# The public names are imported on first use (PEP 562), so that `import napari_nir` (and the command line's start)
+# takes no torch: a Ctrl-C while torch loads then reaches napari_nir.cli.main, which exits 130 without a traceback.
+_LAZY = {"FusionJob": "core.api", "SeparationJob": "core.api", "fuse": "core.api", "separate": "core.api",
+         "convert_transforms": "core.registration", "FusionResult": "core.result", "SeparationResult": "core.result",
+         "load": "core.result", "TASKS": "core.tasks", "ProgressEvent": "core.train"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def add_result_to_viewer(viewer, fit, source_name: str = "burst", **kwargs):

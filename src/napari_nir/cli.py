@@ -9,9 +9,13 @@
 
 The files written are the result's artefact list (``FusionResult.artefacts``, ``core.result.ARTEFACTS``: e.g.
 canonical.tif, frames.tif, homographies.json or flow.tif and flow.png, scene.tif, ...) plus side_by_side.png and
-provenance.json (the demo adds input.tif); all at once after the fit succeeded, never half. ``--set`` takes any
-option of ``napari-nir options``; ``--from-provenance`` repeats a recorded fit. Exit codes: 0 done; 2 bad input
-or arguments (one line on stderr); 130 cancelled (Ctrl-C); 1 an unexpected error (with a traceback).
+provenance.json (the demo adds input.tif); all at once after the fit succeeded, never half: whatever error,
+Ctrl-C or SIGTERM comes and when, OUTDIR then holds either the complete previous set of these files or the
+complete new one, and no staging files (``_write_all``). OUTDIR is checked before the input is read: it (or its
+nearest existing parent) must be a folder a file can be created in. ``--set`` takes any option of ``napari-nir
+options``; ``--from-provenance`` repeats a recorded fit. Exit codes: 0 done; 2 bad input or arguments (one line on
+stderr); 130 cancelled (Ctrl-C, SIGINT) and 143 terminated (SIGTERM), one line and no traceback; 1 an unexpected
+error (with a traceback).
 """
 from __future__ import annotations
 
@@ -22,8 +26,11 @@ import json
 import math
 import os
 import shutil
+import signal
+import stat
 import sys
 import tempfile
+import threading
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -31,17 +38,16 @@ from pathlib import Path
 
 import numpy as np
 
-# The choices offered on the command line come from the core's tables (motions, presets, tasks, options).
+# The choices offered on the command line come from the core's tables (motions, presets, tasks, options). The
+# motion and task tables import torch, so they are imported where used: importing this module takes no torch and
+# a Ctrl-C while torch loads reaches main (which exits 130 without a traceback).
 from .core.config import PRESETS, find_option, parse_value
 from .core.config import options as config_options
-from .core.motions import MOTIONS as MOTION_TABLE
-from .core.tasks import TASKS
 
 PROG = "napari-nir"
-MOTIONS = tuple(MOTION_TABLE)  # names
 EXTENTS = ("union", "first")
 DEVICES_HELP = "auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps"
-EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_CANCELLED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
                NotADirectoryError)
 CLI_FILES = ("side_by_side.png", "provenance.json")  # written by the command itself, besides the artefacts
@@ -53,7 +59,24 @@ class CLIError(Exception):
     """A user error found by the command itself (message printed as one line, exit 2)."""
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived during ``main`` (exit 143). A BaseException, like KeyboardInterrupt, so that no ``except
+    Exception`` swallows it and every ``finally`` on the way out runs (staging folders are removed)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
 # -- arguments --------------------------------------------------------------------------------------
+
+def __getattr__(name: str):
+    if name == "MOTIONS":  # the motion models' names, imported on first use
+        from .core.motions import MOTIONS as table
+
+        return tuple(table)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -175,7 +198,10 @@ def _input_options(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``napari-nir`` command (subcommands fuse, separate, demo, options)."""
     from ._version import __version__
+    from .core.motions import MOTIONS as MOTION_TABLE
+    from .core.tasks import TASKS
 
+    motions = tuple(MOTION_TABLE)
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Fuse a burst of images of one scene into one canonical view with neural image "
@@ -199,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a multi-page TIFF (T, H, W[, C]), a .npy array, or a folder of frames "
                            "(.png, .jpg, .tif; sorted naturally: frame2 before frame10)")
     fuse.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the outputs (created)")
-    fuse.add_argument("--motion", choices=MOTIONS, default=None,
+    fuse.add_argument("--motion", choices=motions, default=None,
                       help=f"motion model: {_entries(MOTION_TABLE)} (default: homography)")
     fuse.add_argument("--preset", choices=PRESETS, default=None,
                       help="fast (multiresolution grid field, seconds to minutes on a CPU) or paper (the official "
@@ -211,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="fuse the built-in sample burst (no download) and write the results",
         description="Generate the built-in sample burst (a photograph seen through 9 known homographies), fuse it "
                     "with motion=homography, and write input.tif plus the fuse outputs into OUTDIR.",
-        epilog=f"motion models of 'fuse': {', '.join(MOTIONS)}.",
+        epilog=f"motion models of 'fuse': {', '.join(motions)}.",
     )
     demo.add_argument("-o", "--output", default="nir-demo", metavar="OUTDIR",
                       help="folder for the outputs (default: ./nir-demo)")
@@ -235,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     separate.add_argument("--task", default=None, choices=tuple(TASKS),
                           help=f"what to remove: {_entries(TASKS)} (required unless --from-provenance records it)")
     separate.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the outputs (created)")
-    separate.add_argument("--motion", choices=MOTIONS, default=None,
+    separate.add_argument("--motion", choices=motions, default=None,
                           help=f"the scene's motion model: {_entries(MOTION_TABLE)} (default: the task's)")
     separate.add_argument("--preset", choices=PRESETS, default=None, help="fast or paper (default: fast)")
     _add_fit_options(separate, full=True)
@@ -252,7 +278,27 @@ def build_parser() -> argparse.ArgumentParser:
 # -- entry point ------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line ``argv`` (default: sys.argv[1:]); returns the exit code."""
+    """Run the command line ``argv`` (default: sys.argv[1:]); returns the exit code (see the module's docstring).
+    Ctrl-C (KeyboardInterrupt) at any point of it returns 130 and SIGTERM 143 (called from the main thread, where
+    ``main`` installs a SIGTERM handler for the run), each after one line on stderr, without a traceback."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        return _main(argv)
+    except KeyboardInterrupt:
+        print(f"{PROG}: cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
+    except Terminated:
+        print(f"{PROG}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -265,9 +311,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.handler(args)
-    except KeyboardInterrupt:
-        print(f"{PROG}: cancelled", file=sys.stderr)
-        return EXIT_CANCELLED
     except (CLIError, *USER_ERRORS) as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
@@ -432,6 +475,7 @@ def _plan(args, kind: str) -> Plan:
     """Resolve the run: defaults < --from-provenance < flags < --set; check the configuration it makes."""
     from .core.presets import preset_config, separation_config
     from .core.result import artefact_files
+    from .core.tasks import TASKS
 
     sets = _parse_sets(args.set)
     call: dict = {"motion": None if kind == "separate" else "homography", "preset": "fast", "steps": None,
@@ -482,7 +526,7 @@ def _cmd_separate(args) -> int:
 def _run_fit(args, kind: str) -> int:
     from . import io
 
-    outdir = Path(args.output)
+    outdir = _output_folder(args.output)
     plan = _plan(args, kind)
     _check_outputs(outdir, plan.declared, args.overwrite)
     burst = io.read_burst(args.burst)
@@ -497,7 +541,7 @@ def _run_fit(args, kind: str) -> int:
 def _cmd_demo(args) -> int:
     from ._sample_data import homography_burst
 
-    outdir = Path(args.output)
+    outdir = _output_folder(args.output)
     plan = _plan(args, "demo")
     _check_outputs(outdir, plan.declared, args.overwrite)
     sample = homography_burst()
@@ -523,10 +567,44 @@ def _cmd_demo(args) -> int:
     return EXIT_OK
 
 
+def _output_folder(text: str) -> Path:
+    if not text:  # Path("") is the current folder
+        raise CLIError("-o/--output is empty; give the folder for the outputs, e.g. -o out")
+    return Path(text)
+
+
 def _check_outputs(outdir: Path, names: list[str], overwrite: bool) -> None:
-    """Refuse early (before any reading or fitting) to clobber outputs or to write into a file."""
-    if outdir.exists() and not outdir.is_dir():
-        raise CLIError(f"output folder {outdir} is a file; choose a folder with -o")
+    """Refuse early (before any reading or fitting) an output folder that cannot be written and outputs that
+    would be clobbered without ``overwrite``: ``outdir``, or while it does not exist its nearest existing parent,
+    must be a folder (not a file, a symbolic-link loop or a dangling link) in which a file can be created (not
+    denied, not a read-only file system), which is probed with an unnamed temporary file. Creates nothing."""
+    for folder in (outdir, *outdir.parents):
+        try:
+            mode = folder.stat().st_mode
+            break
+        except (FileNotFoundError, NotADirectoryError):  # not there yet, or under a file: look further up
+            if folder.is_symlink():
+                raise CLIError(f"output folder {folder} is a symbolic link to a missing folder; fix the link or "
+                               "choose another folder with -o") from None
+        except OSError as exc:  # ELOOP (a symbolic-link loop), EACCES (a parent that cannot be searched), ...
+            raise CLIError(f"cannot use output folder {outdir}: {exc.strerror or exc} ({folder}); choose another "
+                           "folder with -o") from None
+    else:  # pragma: no cover - the current folder or the root always exists
+        raise CLIError(f"cannot use output folder {outdir}: none of its folders exists")
+    if not stat.S_ISDIR(mode):
+        where = "is a file" if folder == outdir else f"is under {folder}, which is a file"
+        raise CLIError(f"output folder {outdir} {where}; choose a folder with -o")
+    try:
+        with tempfile.TemporaryFile(prefix=".napari-nir-probe-", dir=folder):
+            pass
+    except OSError as exc:
+        made = "" if folder == outdir else f" (to create {outdir} in)"
+        raise CLIError(f"cannot write into {folder}{made}: {exc.strerror or exc}; choose a folder you can write to "
+                       "with -o") from None
+    folders = [n for n in names if (outdir / n).is_dir()]
+    if folders:  # never replaced: the commit would remove it with its contents
+        raise CLIError(f"{outdir / folders[0]} is a folder, where an output file goes; move it away or choose "
+                       "another folder with -o")
     present = [n for n in names if (outdir / n).exists()]
     if present and not overwrite:
         raise CLIError(f"{outdir} already holds {', '.join(present)}; pass --overwrite to replace "
@@ -672,39 +750,97 @@ def _command(args, fit, plan: Plan) -> list[str]:
 
 
 def _write_all(outdir: Path, files: dict, overwrite: bool, stale: list[str] = ()) -> list[Path]:
-    """Write every output into a hidden staging folder inside ``outdir``, then move them in; all or nothing
-    (an error or Ctrl-C while writing leaves ``outdir`` as it was, apart from its creation). ``stale``: files
-    this kind of run may write that this result has none of (e.g. interference_canonical.tif when no rigid
-    layer was found); with ``overwrite``, an old one is removed once the new files are in, so that it cannot
-    contradict them."""
-    from . import io
+    """Write ``files`` into ``outdir`` all or nothing. ``stale``: files this kind of run may write that this
+    result has none of (e.g. interference_canonical.tif when no rigid layer was found); with ``overwrite`` an old
+    one goes with the old set, so that it cannot contradict the new files.
 
+    Guaranteed, whatever error, Ctrl-C (SIGINT) or SIGTERM comes and when: ``outdir`` ends holding either every
+    old file of ``files`` and ``stale`` as it was, or every new file of ``files`` and none of ``stale``, and no
+    hidden staging or backup folder (only ``outdir`` itself may remain, created). The files are written into a
+    hidden staging folder inside ``outdir``, then moved in by ``_commit``. SIGINT and SIGTERM are held all along:
+    one that comes while writing stops the run before the next file (nothing changes), one that comes during the
+    commit takes effect after it (the new set is complete); either way it is raised again on the way out."""
     outdir.mkdir(parents=True, exist_ok=True)
     _check_outputs(outdir, list(files), overwrite)
-    staging = Path(tempfile.mkdtemp(prefix=".napari-nir-", dir=outdir))
+    removed = [n for n in stale if n not in files] if overwrite else []
+    with _signals_held() as pending:
+        staging = Path(tempfile.mkdtemp(prefix=".napari-nir-", dir=outdir))
+        try:
+            for name, entry in files.items():
+                if pending:
+                    break
+                _write_file(staging / name, *entry)
+            if not pending:
+                return _commit(outdir, staging, list(files), removed)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    raise KeyboardInterrupt  # reached only when a held signal's own handler did not raise (the CLI's all do)
+
+
+def _write_file(path: Path, kind: str, payload, meta, channels) -> None:
+    from . import io
+
+    if kind == "tiff":
+        io.write_tiff(path, payload, meta, channels=channels)
+    elif kind == "png":
+        io.write_png(path, payload)
+    elif kind == "npy":
+        np.save(path, payload, allow_pickle=False)
+    else:
+        io.write_json(path, payload)
+
+
+def _commit(outdir: Path, staging: Path, names: list[str], removed: list[str]) -> list[Path]:
+    """Move the staged ``names`` into ``outdir`` and take ``removed`` out of it as one transaction: the old files
+    of both first go into a hidden backup folder, then the new ones come in; on any exception the new ones go back
+    to ``staging`` and the old ones to their place (roll back). Call it with the signals held."""
+    backup = Path(tempfile.mkdtemp(prefix=".napari-nir-old-", dir=outdir))
+    saved, placed = [], []
     try:
-        for name, (kind, payload, meta, channels) in files.items():
-            target = staging / name
-            if kind == "tiff":
-                io.write_tiff(target, payload, meta, channels=channels)
-            elif kind == "png":
-                io.write_png(target, payload)
-            elif kind == "npy":
-                np.save(target, payload, allow_pickle=False)
-            else:
-                io.write_json(target, payload)
-        written = []
-        for name in files:
+        for name in (*names, *removed):
+            if os.path.lexists(outdir / name):
+                os.replace(outdir / name, backup / name)
+                saved.append(name)
+        for name in names:
             os.replace(staging / name, outdir / name)
-            written.append(outdir / name)
-        if overwrite:
-            for name in stale:
-                if name not in files:
-                    (outdir / name).unlink(missing_ok=True)
-        return written
+            placed.append(name)
+    except BaseException:
+        try:
+            for name in placed:
+                os.replace(outdir / name, staging / name)
+            for name in saved:
+                os.replace(backup / name, outdir / name)
+        except OSError as exc:  # keep the backup: the old files are there
+            raise OSError(f"could not put the previous outputs back into {outdir} after an error; they are in "
+                          f"{backup}") from exc
+        shutil.rmtree(backup, ignore_errors=True)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+    return [outdir / name for name in names]
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM for the block: one that comes is only recorded in the list yielded, and raised
+    again (to the handler that was there) when the block is left, after its ``finally`` clauses. The Python-level
+    handlers are swapped rather than the signal mask blocked, since the kernel may deliver a signal to any thread
+    that does not block it (torch's, tqdm's) and Python then runs the handler in the main thread anyway. Signals
+    set to be ignored stay ignored. Only the main thread can swap handlers; elsewhere nothing is held."""
+    pending: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
+        yield pending
     finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(staging)
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 def _report(fit, written: list[Path], outdir: Path) -> None:
