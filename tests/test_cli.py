@@ -22,7 +22,7 @@ from napari_nir.core.result import ARTEFACTS, Artefact, artefact_files
 SRC = Path(__file__).resolve().parents[1] / "src"
 TRANSFORM_FILES = {"homographies.json", "transforms.json", "transforms.npy", "transforms_pystackreg.npy"}
 FUSE_OUTPUTS = {"canonical.tif", "frames.tif", "registered.tif", "side_by_side.png", "provenance.json",
-                *TRANSFORM_FILES}
+                "diagnostics.json", "residual.tif", *TRANSFORM_FILES}
 CLI_FILES = {"side_by_side.png", "provenance.json"}
 
 
@@ -88,7 +88,14 @@ class FakeFit:
             return np.zeros((t, h, w, 3), np.uint8), {}
         if role == "flow vectors":
             return np.zeros((4, 2, 3), np.float32), {"step": 4}
+        if role == "diagnostics":
+            return {"verdict": "good", "reasons": [], "frames": []}, {}
+        if role == "residual":
+            return np.zeros((t, h, w), np.float32), {"verdict": "good", "input_pixels_per_pixel": 1.0}
         raise KeyError(f"FakeFit has no data for the artefact {role!r}")
+
+    def diagnostics(self):
+        return SimpleNamespace(verdict="good", reasons=[])
 
     def artefacts(self, extent="union", scale=1.0, roles=None):
         out = []

@@ -86,12 +86,13 @@ def test_names_and_visibility_of_each_kind_of_result(fits):
     def shown(fit):
         return {kw["name"].split(" ", 1)[1]: kw["visible"] for _, kw, _ in fusion_layer_data(fit, "burst")}
 
-    assert shown(fits["homography"]) == {"canonical": True, "frames": False, "registered": False, "outlines": True}
+    assert shown(fits["homography"]) == {"canonical": True, "frames": False, "registered": False, "outlines": True,
+                                         "residual": False}
     assert shown(fits["flow 2 channels"]) == {"canonical": True, "frames": False, "registered": False,
-                                              "flow vectors": True, "flow magnitude": False}
+                                              "flow vectors": True, "flow magnitude": False, "residual": False}
     assert shown(fits["occlusion grey"])["occlusion w"] is False
     assert shown(fits["rain"]) == {"scene": True, "interference": False, "alpha": False, "canonical": True,
-                                   "frames": False, "registered": False, "outlines": False}
+                                   "frames": False, "registered": False, "outlines": False, "residual": False}
     outlines = next((d, kw) for d, kw, kind in fusion_layer_data(fits["homography"], "burst") if kind == "shapes")
     assert len(outlines[0]) == 3 and all(np.shape(c) == (4, 2) for c in outlines[0])
     assert list(outlines[1]["features"]["frame"]) == [0, 1, 2] and outlines[1]["face_color"] == "transparent"
@@ -119,3 +120,16 @@ def test_a_new_output_is_one_artefact_entry(tmp_path, monkeypatch):
     written, meta = io.read_tiff(tmp_path / "out" / "toy_brightness.tif")
     assert written.shape == (3, 24, 24) and meta["output"] == "toy brightness"
     assert "toy_brightness.tif" in json.loads((tmp_path / "out" / "provenance.json").read_text())["outputs"]
+
+
+def test_reduced_residual_sits_on_the_frames():
+    """The residual map is on frames reduced by k x k block means: each of its pixels covers k x k input pixels, so
+    its layer is scaled by k and shifted by (k - 1) / 2 input pixels from the source layer's placement."""
+    from napari_nir._layers import _image, _Placement
+    from napari_nir.core.result import Artefact
+
+    spec = ARTEFACTS["residual"]
+    artefact = Artefact(spec, np.zeros((3, 8, 8), np.float32), False, {"input_pixels_per_pixel": 4.0}, False)
+    _, kwargs = _image(artefact, _Placement(1.0, (2.0, 3.0), 0.0, (10.0, 20.0), False), 64)
+    assert kwargs["scale"] == [1.0, 8.0, 12.0]
+    assert kwargs["translate"] == [0.0, 10.0 + 1.5 * 2.0, 20.0 + 1.5 * 3.0]

@@ -255,8 +255,8 @@ def test_estimate_does_not_touch_the_global_generator():
 def test_absurd_request_is_refused_with_a_working_size_that_fits():
     config = preset_config("homography", "paper", working_size=0)
     shape = (9, 4096, 4096, 3)
-    available = 2 * memory.GiB
-    with pytest.raises(ValueError, match=r"this fit needs about .* GiB but only 2\.0 GiB is available on cpu") as info:
+    available = 3 * memory.GiB  # the float32 copy of the input alone takes 1.7 GiB at any working size
+    with pytest.raises(ValueError, match=r"this fit needs about .* GiB but only 3\.0 GiB is available on cpu") as info:
         memory.check_fit_memory(shape, config, "cpu", available=available)
     message = str(info.value)
     size = int(re.search(r"working_size=(\d+)", message).group(1))
@@ -266,7 +266,7 @@ def test_absurd_request_is_refused_with_a_working_size_that_fits():
     assert fits <= available
     # many frames: fewer frames fit too
     fast = preset_config("homography", "fast", working_size=0)
-    with pytest.raises(ValueError, match=r"or fewer frames \(at most (\d+) fit at the current size\)") as info:
+    with pytest.raises(ValueError, match=r"fewer frames \(at most (\d+) fit at the current size\)") as info:
         memory.check_fit_memory((300, 1024, 1024, 3), fast, "cpu", available=available)
     frames = int(re.search(r"at most (\d+) fit", str(info.value)).group(1))
     assert 2 <= frames < 300 and memory.estimate_fit_bytes((frames, 1024, 1024, 3), fast) <= available

@@ -78,7 +78,7 @@ def test_fuse_adds_layers(make_napari_viewer, qtbot, frames, notes):
 
     assert "burst preview" in inserted  # the live preview was shown ...
     assert _names(viewer) == ["burst", "burst canonical", "burst frames", "burst registered",
-                              "burst outlines"]  # ... and removed
+                              "burst outlines", "burst residual"]  # ... and removed
     canonical, per_frame, outlines = (viewer.layers[n] for n in ("burst canonical", "burst frames", "burst outlines"))
     assert isinstance(canonical, napari.layers.Image) and canonical.rgb
     assert canonical.data.ndim == 3 and canonical.data.shape[-1] == 3 and canonical.data.dtype == np.float32
@@ -136,7 +136,8 @@ def test_cancel_then_rerun(make_napari_viewer, qtbot, frames, notes):
     widget.steps.value = 20
     assert widget.run() is not None
     _wait(qtbot, widget)
-    assert _names(viewer) == ["burst", "burst canonical", "burst frames", "burst registered", "burst outlines"]
+    assert _names(viewer) == ["burst", "burst canonical", "burst frames", "burst registered", "burst outlines",
+                              "burst residual"]
     assert viewer.layers["burst canonical"].metadata[META_KEY]["steps_run"] == 20
 
 
@@ -236,8 +237,9 @@ def test_flow_run_replaces_homography_layers(make_napari_viewer, qtbot, frames, 
     widget.run()
     _wait(qtbot, widget)
     assert not notes["error"], notes["error"]
-    assert _names(viewer) == ["burst", "burst canonical", "burst frames", "burst registered", "burst flow vectors",
-                              "burst flow magnitude"]
+    # the residual layer is replaced in place (it was there after the homography run)
+    assert _names(viewer) == ["burst", "burst canonical", "burst frames", "burst registered", "burst residual",
+                              "burst flow vectors", "burst flow magnitude"]
     assert "burst outlines" not in viewer.layers  # stale outlines removed
     assert viewer.layers["burst canonical"].metadata[META_KEY]["parameters"]["motion"] == "flow"
 
@@ -249,12 +251,13 @@ def test_console_helper(make_napari_viewer, frames):
     viewer.add_image(frames, rgb=True, name="burst", scale=(1, 2, 2))
     fit = nir.fuse(frames, steps=20, device="cpu", batch=2048)
     layers = add_result_to_viewer(viewer, fit, "burst")
-    assert [lay.name for lay in layers] == ["burst canonical", "burst frames", "burst registered", "burst outlines"]
+    assert [lay.name for lay in layers] == ["burst canonical", "burst frames", "burst registered", "burst outlines",
+                                            "burst residual"]
     np.testing.assert_allclose(layers[0].scale, [2, 2])
     assert layers[0].rgb and layers[1].data.shape == frames.shape
     assert layers[0].metadata[META_KEY]["input"]["shape"] == list(frames.shape)
     again = add_result_to_viewer(viewer, fit, "burst")
-    assert len(viewer.layers) == 5 and again[0] is layers[0]
+    assert len(viewer.layers) == 6 and again[0] is layers[0]
 
     grey = frames.mean(-1)  # (T, H, W): no colour axis
     gfit = nir.fuse(grey, steps=20, device="cpu", batch=2048)

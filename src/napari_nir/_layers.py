@@ -166,6 +166,10 @@ def _image(artefact, place: _Placement, view_size) -> tuple[Any, dict]:
         if source not in ("TYX", "TYXC"):
             return _any_axes(artefact, place, source)
         axes = "TYX[C]"
+    block = artefact.metadata.get("input_pixels_per_pixel", 1.0)  # data on a reduced grid (the residual map)
+    if block != 1.0:  # pixel centres of k x k blocks: scaled by k, shifted by (k - 1) / 2 input pixels
+        place = replace(place, yx_scale=tuple(v * block for v in place.yx_scale),
+                        yx_shift=tuple(s + (block - 1) / 2 * v for s, v in zip(place.yx_shift, place.yx_scale)))
     scale, translate = place.axes(time=axes.startswith("T"))
     data = artefact.data
     shown_rgb = False

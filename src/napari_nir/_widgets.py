@@ -538,8 +538,15 @@ class JobWidget(Container):
         seconds = 0.0 if fit.seconds is None else fit.seconds
         task = fit.config.get("task") or ""
         what = f"{task}, {fit.motion}" if task else f"{fit.motion}"
-        show_info(f"{self.spec.past} {self._source!r}: PSNR {psnr} in {seconds:.1f} s "
-                  f"({fit.history[-1]['step'] if fit.history else 0} steps, {what}, {fit.config.get('device')}).")
+        done = (f"{self.spec.past} {self._source!r}: PSNR {psnr} in {seconds:.1f} s "
+                f"({fit.history[-1]['step'] if fit.history else 0} steps, {what}, {fit.config.get('device')}).")
+        found = fit.diagnostics()  # computed in the worker with the residual layer
+        if found.verdict == "good":
+            show_info(done + " Verdict: good.")
+        else:  # never a quietly damaged result: say what does not hold, and where to look
+            show_warning(done + f" Verdict: {found.verdict}: " + " ".join(found.reasons[:3])
+                         + (f" (+{len(found.reasons) - 3} more)" if len(found.reasons) > 3 else "")
+                         + f" See the layer {self._source + ' residual'!r}.")
 
     def _on_errored(self, exc: BaseException) -> None:
         self._outcome = "error"

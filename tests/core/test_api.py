@@ -133,6 +133,13 @@ def test_callback_progress_preview_and_cancel(small_sample):
         ({"device": 3}, TypeError, "device"),
         ({"callback": 5}, TypeError, "callback"),
         ({"colour": "red"}, TypeError, "unknown option"),
+        # the reliability review's small items: each was accepted, or died mid-run with another error
+        ({"seed": 2**64 - 1}, ValueError, r"seed must be <= 4_294_967_295"),
+        ({"steps": 10**9}, ValueError, r"steps must be <= 100_000"),
+        ({"value_range": (0, 1e-300)}, ValueError, r"value_range.*at least 0.001 apart"),
+        ({"value_range": (-1e308, 1e308)}, ValueError, r"value_range.*within \+-1000"),
+        ({"working_size": -5}, ValueError, r"working_size=-5 is invalid"),
+        ({"threads": -1}, ValueError, "threads"),
     ],
 )
 def test_bad_parameters_are_explained(small_sample, kwargs, error, match):
@@ -178,3 +185,12 @@ def test_feature_prefilter_is_validated_and_recorded():
         nir.fuse(frames, steps=2, device="cpu", feature_prefilter=-1)
     fit = nir.fuse(frames, steps=2, device="cpu", feature_prefilter=5)
     assert fit.provenance()["parameters"]["feature_prefilter"] == 5
+
+
+def test_channels_first_stack_is_not_read_as_channels_last():
+    """(T, C, H, W) with C >= 8 used to be fitted as frames of C x W pixels with H channels, without a word."""
+    stack = np.random.default_rng(0).random((3, 8, 40, 48)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"axes='TCYX'.*axes='TYXC'"):
+        nir.fuse(stack, steps=1)
+    job = nir.FusionJob(stack, axes="TYXC", steps=1)  # said explicitly: 8 rows of 40 pixels, 48 channels
+    assert job.burst.shape == (3, 8, 40, 48)

@@ -103,11 +103,12 @@ def test_artefacts_follow_the_motion_and_task_tables():
     assert len(files) == len(set(files))
     for name, entry in MOTIONS.items():
         config = preset_config(name, "fast")
-        assert {r for r, a in ARTEFACTS.items() if a.applies(config)} == {"canonical", "frames", "registered",
-                                                                                 *entry.artefacts}
+        assert {r for r, a in ARTEFACTS.items() if a.applies(config)} == {
+            "canonical", "frames", "registered", "diagnostics", "residual", *entry.artefacts}
     for task in TASKS.values():
         config = separation_config(task.name, "fast")
         rigid = {"interference canonical", "interference homographies"}
-        expected = {"canonical", "frames", "registered", *MOTIONS[config.motion.model].artefacts, *task.layers}
+        expected = {"canonical", "frames", "registered", "diagnostics", "residual",
+                    *MOTIONS[config.motion.model].artefacts, *task.layers}
         expected |= rigid if config.separation.interference_motion != "none" else set()
         assert {r for r, a in ARTEFACTS.items() if a.applies(config)} == expected, task.name

@@ -11,9 +11,10 @@ import torch
 
 from . import render
 from .build import build_model
-from .burst import prepare_burst, working_frames, working_shape
+from .burst import check_channels_last, check_dtype, check_shape, prepare_burst, working_frames, working_shape
 from .config import PRESETS
 from .config import options as config_options
+from .diagnostics import reduce_frames, unusable_frames
 from .geometry import Normaliser, pixel_grid
 from .memory import check_fit_memory
 from .motions import MOTIONS, polishes
@@ -33,16 +34,19 @@ def _check_common(preset, steps, seed, options) -> tuple[int | None, int]:
     unknown = set(options) - set(valid) - {"preset", "motion", "task"}
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(valid))}")
-    return _check_int("steps", steps, 1), _check_int("seed", seed, 0)
+    return _check_int("steps", steps, 1, 100_000), _check_int("seed", seed, 0, 2**32 - 1)
 
 
-def _check_int(name: str, value, minimum: int) -> int | None:
+def _check_int(name: str, value, minimum: int, maximum: int) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum:_}, got {value:_}" + (
+            " (the presets need 200 to 5000)" if name == "steps" else ""))
     return int(value)
 
 
@@ -86,6 +90,26 @@ def fuse(
     return job.result()
 
 
+def _checked_shape(stack) -> tuple[int, int, int, int] | None:
+    """(T, H, W, C) of an array with a numpy dtype (numpy, dask, zarr), its dtype and shape checked as
+    ``prepare_burst`` would, without reading it; None for other array-likes (lists, torch tensors)."""
+    dtype = getattr(stack, "dtype", None)
+    if not isinstance(dtype, np.dtype) or not hasattr(stack, "shape"):
+        return None
+    check_dtype(dtype)
+    shape = tuple(int(n) for n in stack.shape)
+    check_shape(shape)
+    return shape if len(shape) == 4 else shape + (1,)
+
+
+def _load_bytes(stack, shape) -> int:
+    """Bytes that reading ``stack`` makes before its float32 copy: none for a C-contiguous numpy array (read in
+    place), the whole array in its dtype otherwise (dask and zarr computed, a strided view made contiguous)."""
+    if isinstance(stack, np.ndarray) and stack.flags.c_contiguous:
+        return 0
+    return math.prod(shape) * np.dtype(stack.dtype).itemsize
+
+
 class FusionJob:
     """A fusion run split into validation (here, eagerly), a generator of progress events, and the result.
 
@@ -110,20 +134,31 @@ class FusionJob:
             initial = options.pop("init")
         steps, seed = _check_common(preset, steps, seed, options)
         self.device = resolve_device(device)
+        if axes is None and hasattr(burst, "shape"):  # lists: prepare_burst reads and checks them
+            check_channels_last(tuple(burst.shape))
         stack, self.registered_on = select_for_fit(burst, axes, register_on)
         self.source, self.source_axes = burst, (axes.upper() if axes else None)
-        self.burst = prepare_burst(stack)
         self.config = self._configure(motion, preset, steps=steps, seed=seed, device=str(self.device), **options)
         self.config.validate()
+        # the memory check, from the shape and dtype alone: before the input is read or copied
+        shape = _checked_shape(stack)
+        if shape is not None:  # memory_estimate: bytes the fit adds at its peak (core/memory.py)
+            self.memory_estimate = check_fit_memory(working_shape(shape, self.config.runtime.working_size),
+                                                    self.config, self.device, input_shape=shape,
+                                                    load_bytes=_load_bytes(stack, shape))
+        self.burst = prepare_burst(stack)
+        if shape is None:  # a list or other array-like: known once read
+            shape = self.burst.data.shape
+            self.memory_estimate = check_fit_memory(working_shape(shape, self.config.runtime.working_size),
+                                                    self.config, self.device, input_shape=shape)
         self.initial_transforms = None
         if initial is not None:
             if not MOTIONS[motion].feature_start(self.config):
                 raise ValueError(f"init transforms need a motion with a homography start; {motion!r} has none")
             self.initial_transforms = check_transforms(initial, self.burst.T, "init transforms")
-        working = working_shape(self.burst.data.shape, self.config.runtime.working_size)
-        # a ValueError naming a size that fits
-        check_fit_memory(working, self.config, self.device, input_shape=self.burst.data.shape)
         self.history: list[dict] = []
+        self.unusable: dict[int, str] = {}  # frames found blank or saturated before the fit
+        self.down_weighted: dict[int, str] = {}  # of those, the frames drawn less often
         self.polish_report: dict | None = None
         self.model = None
         self._stop = False
@@ -142,11 +177,16 @@ class FusionJob:
         frames, _ = working_frames(self.burst, self.config.runtime.working_size)
         start = time.perf_counter()
         out_of_memory = None
+        previous_threads = torch.get_num_threads()
+        if self.config.runtime.threads:
+            torch.set_num_threads(self.config.runtime.threads)  # process-wide: fits running at once share it
+        else:
+            self.config = self.config.replace(threads=previous_threads)  # recorded: results depend on it
         try:
             with cpu_fit_settings(self.device):
                 self.model = build_model(frames, self.config, self.device, start=self._normalised_start())
                 for event in fit_steps(self.model, frames, self.config, self.device, start=start,
-                                       preview=self._preview):
+                                       preview=self._preview, frame_weights=self._frame_weights(frames)):
                     self.history.append({"step": event.step, "seconds": round(event.seconds, 4), "loss": event.loss,
                                          "psnr": event.psnr})
                     self._seconds = time.perf_counter() - start
@@ -160,6 +200,9 @@ class FusionJob:
         except torch.cuda.OutOfMemoryError as exc:
             out_of_memory = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
             # keep only the text: the exception's traceback holds the fit's GPU tensors
+        finally:
+            if torch.get_num_threads() != previous_threads:
+                torch.set_num_threads(previous_threads)
         if out_of_memory is not None:
             self.model = None
             frames = None
@@ -170,6 +213,21 @@ class FusionJob:
                                f"released. Use a smaller working_size (now "
                                f"{self.config.runtime.working_size or 'no limit'}), "
                                f"fewer frames, or device='cpu'") from None
+
+    def _frame_weights(self, frames: np.ndarray) -> np.ndarray | None:
+        """(T,) sampling weights: ``blank_weight`` for frames found blank (no contrast: nothing to align, and a
+        blank frame drew other frames off by pixels, benchmarks/DECISIONS.md "blank and saturated frames"), 1 for
+        the others; None when no frame is blank (uniform draws, as always). Saturated frames are only named: drawn
+        less often they aligned worse themselves and the others no better."""
+        self.unusable = unusable_frames(reduce_frames(frames)[0])
+        blank = [t for t, kind in self.unusable.items() if kind == "blank"]
+        weight = self.config.optimiser.blank_weight
+        if not blank or weight == 1.0 or len(blank) == len(frames):
+            return None
+        self.down_weighted = {t: "blank" for t in blank}
+        weights = np.ones(len(frames))
+        weights[blank] = weight
+        return weights
 
     def _normalised_start(self) -> np.ndarray | None:
         """The given init transforms (frame pixel -> reference pixel) as normalised frame -> canonical matrices."""
@@ -191,6 +249,7 @@ class FusionJob:
                                   source_axes=self.source_axes, registered_on=self.registered_on,
                                   initial_transforms=self.initial_transforms)
         result.polish_report = self.polish_report
+        result.down_weighted = dict(self.down_weighted)
         result.final_psnr = reconstruction_psnr(result)
         return result
 

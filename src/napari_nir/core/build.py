@@ -3,8 +3,14 @@
 ``build_model(frames, config, device)`` makes the networks a fit starts from (feature start included);
 ``make_model(config, shape, domain)`` makes them for a known canonical domain (also used to load a saved result
 and, on the meta device, by the memory estimate). Everything is seeded by ``config.runtime.seed``.
+
+Thread safety: the networks' initial values are drawn from torch's global generator (``nn.Linear`` offers no
+other), so ``make_model`` draws them under ``SEED_LOCK`` inside ``torch.random.fork_rng``: two fits started at
+once in two threads each draw exactly what they would alone, and the caller's global generator is left as it was.
 """
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -15,12 +21,14 @@ from . import fields
 from .config import FitConfig
 from .geometry import Normaliser, frame_bounds
 from .models import MOVING_MARGIN, FusionModel, SeparationModel, interference_density, interference_init
-from .motion import centre_gauge, feature_homographies, phase_translations
+from .motion import centre_gauge, phase_translations, robust_start
 from .motions import get_motion
 from .stages import Stage
 from .tasks import get_task
 
-__all__ = ["build_model", "make_model", "initial_homographies"]
+__all__ = ["build_model", "make_model", "initial_homographies", "SEED_LOCK"]
+
+SEED_LOCK = threading.Lock()  # serialises only the seeded draws of model construction (module docstring)
 
 
 def initial_homographies(frames: np.ndarray, config: FitConfig, norm: Normaliser) -> np.ndarray | None:
@@ -47,7 +55,7 @@ def _feature_start(frames: np.ndarray, config: FitConfig) -> np.ndarray | None:
         # follow instead of the scene; a median filter wider than they are removes them first
         k = m.feature_prefilter
         frames = median_filter(frames, size=(1, k, k, 1)[:frames.ndim])
-    pixel = feature_homographies(frames, seed=config.seed)
+    pixel, _ = robust_start(frames, seed=config.seed)
     if pixel is None:
         if m.init == "features":
             raise ValueError("feature-based initialisation failed: too few keypoint matches between consecutive "
@@ -84,7 +92,13 @@ def make_model(config: FitConfig, shape: tuple[int, int, int, int], domain, *, i
     """Networks for working frames of ``shape`` (T, h, w, C) over a canonical ``domain``; seeded.
 
     init: (T, 3, 3) feature start or None; mean: (C,) the frames' mean in the value range (the field's start).
-    A fusion model, or a separation model around one when ``config.task`` names a task."""
+    A fusion model, or a separation model around one when ``config.task`` names a task. Thread-safe: the draws
+    happen under ``SEED_LOCK`` on a forked global generator (module docstring)."""
+    with SEED_LOCK, torch.random.fork_rng(devices=[]):
+        return _make_model(config, shape, domain, init=init, mean=mean)
+
+
+def _make_model(config: FitConfig, shape, domain, *, init=None, mean=None) -> nn.Module:
     t, h, w, c = shape
     norm = Normaliser(h, w)
     torch.manual_seed(config.seed)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Burst", "prepare_burst", "working_shape", "working_frames"]
+__all__ = ["Burst", "prepare_burst", "working_shape", "working_frames", "check_channels_last", "check_shape",
+           "check_dtype"]
 
 MIN_SIZE = 8                 # smallest height/width that can be aligned
 _CHUNK = 1 << 20             # elements per float64 temporary (8 MiB)
@@ -269,27 +270,39 @@ _DTYPE_FIXES = {
 
 
 def _check_dtype(a: np.ndarray, name: str) -> None:
-    kind = a.dtype.kind
+    check_dtype(a.dtype, name)
+
+
+def check_dtype(dtype: np.dtype, name: str = "burst") -> None:
+    """TypeError (saying how to convert) unless ``dtype`` is an integer or float dtype."""
+    kind = np.dtype(dtype).kind
     if kind in "iuf":
         return
     fix = _DTYPE_FIXES.get(kind, "convert it with {name}.astype(np.float32)").format(name=name)
-    raise TypeError(f"{name} has dtype {a.dtype} (kind {kind!r}), which is not supported; bursts must be integer "
-                    f"or float images (uint8, uint16, float32, ...); {fix}")
+    raise TypeError(f"{name} has dtype {np.dtype(dtype)} (kind {kind!r}), which is not supported; bursts must be "
+                    f"integer or float images (uint8, uint16, float32, ...); {fix}")
 
 
 def _check_shape(a: np.ndarray, name: str, min_frames: int) -> None:
-    shape = a.shape
-    if a.ndim < 2:
-        raise ValueError(f"{name} is {a.ndim}-D (shape {shape}); a burst is a stack of images (T, H, W) for grey or "
+    check_shape(a.shape, name, min_frames)
+
+
+def check_shape(shape: tuple, name: str = "burst", min_frames: int = 2) -> None:
+    """ValueError (saying what to do) unless ``shape`` is a burst's: (T, H, W[, C]), T >= min_frames, H, W >= 8.
+    Only the shape: callers check it before reading or copying the data (the memory check needs it)."""
+    shape = tuple(int(n) for n in shape)
+    ndim = len(shape)
+    if ndim < 2:
+        raise ValueError(f"{name} is {ndim}-D (shape {shape}); a burst is a stack of images (T, H, W) for grey or "
                          f"(T, H, W, C) for colour/multichannel, with at least {min_frames} frames")
-    if a.ndim == 2:
+    if ndim == 2:
         raise ValueError(f"{name} is a single 2-D image (shape {shape}); stack at least {min_frames} frames along a "
                          f"new first axis, e.g. np.stack([frame0, frame1, ...]) -> (T, H, W)")
-    if a.ndim > 4:
-        raise ValueError(f"{name} is {a.ndim}-D (shape {shape}); a burst must be (T, H, W) or (T, H, W, C); "
+    if ndim > 4:
+        raise ValueError(f"{name} is {ndim}-D (shape {shape}); a burst must be (T, H, W) or (T, H, W, C); "
                          f"select one burst, e.g. {name}[0] for a leading batch/z axis, or reshape the extra axes "
                          f"into T or C")
-    axes = ["T (frames)", "H (height)", "W (width)", "C (channels)"][:a.ndim]
+    axes = ["T (frames)", "H (height)", "W (width)", "C (channels)"][:ndim]
     for ax, (n, label) in enumerate(zip(shape, axes)):
         if n == 0:
             raise ValueError(f"{name} is empty: axis {ax}, {label}, has size 0 (shape {shape}); pass a burst with "
@@ -300,10 +313,10 @@ def _check_shape(a: np.ndarray, name: str, min_frames: int) -> None:
                          f"{min_frames} frames stacked along the first axis (T, H, W[, C])")
     if H < MIN_SIZE or W < MIN_SIZE:
         hint = ""
-        if a.ndim == 3 and W <= 4 and T >= MIN_SIZE and H >= MIN_SIZE:
+        if ndim == 3 and W <= 4 and T >= MIN_SIZE and H >= MIN_SIZE:
             hint = (f"; shape {shape} looks like a single colour image (H, W, C): a burst needs several such "
                     f"images stacked, e.g. np.stack([img0, img1, ...]) -> (T, H, W, C)")
-        elif a.ndim == 4 and H < MIN_SIZE and shape[3] >= MIN_SIZE:
+        elif ndim == 4 and H < MIN_SIZE and shape[3] >= MIN_SIZE:
             hint = (f"; if channels (or planes) come before height and width (T, C, H, W), say so with "
                     f"axes='TCYX' (command line: --axes TCYX), or move them last with np.moveaxis({name}, 1, -1)")
         raise ValueError(f"{name} frames are {H}x{W} pixels (shape {shape}); frames must be at least "
@@ -328,6 +341,18 @@ def _check_finite(rows: np.ndarray, shape: tuple, name: str) -> None:
                          f"{rows.size}; the first is {first_val} at index {first}; replace them first, e.g. "
                          f"np.nan_to_num({name}, nan=0.0, posinf=..., neginf=...) or by interpolating the "
                          f"missing pixels")
+
+
+def check_channels_last(shape, name: str = "burst") -> None:
+    """Refuse a 4-D array read as (T, H, W, C) whose C is longer than 4 and than its H: that is a channel- (or
+    plane-) first stack (T, C, H, W), which would otherwise be fitted as frames of C x W pixels with H channels.
+    Callers that were told the axes (``axes='TYXC'``) skip this check."""
+    if len(shape) == 4 and shape[3] > 4 and shape[3] > shape[1]:
+        raise ValueError(f"{name} has shape {tuple(shape)}: read as (T, H, W, C) it would be {shape[0]} frames of "
+                         f"{shape[1]}x{shape[2]} pixels with {shape[3]} channels, which looks like channels or planes "
+                         f"before height and width (T, C, H, W); say so with axes='TCYX' or 'TZYX' (command line: "
+                         f"--axes TCYX) or move them last with np.moveaxis({name}, 1, -1); if it really is "
+                         f"{shape[3]} channels last, axes='TYXC'")
 
 
 def prepare_burst(burst, *, name: str = "burst", min_frames: int = 2) -> Burst:
@@ -406,5 +431,7 @@ def working_frames(burst: Burst, working_size: int) -> tuple[np.ndarray, float]:
         return burst.data, 1.0
     from skimage.transform import resize  # here: scikit-image's import is slow and most bursts need no resize
 
-    frames = np.stack([resize(f, (h, w), order=1, anti_aliasing=True) for f in burst.data]).astype(np.float32)
+    frames = np.empty((burst.T, h, w, burst.C), dtype=np.float32)  # filled frame by frame: no stacked temporaries
+    for t, frame in enumerate(burst.data):
+        frames[t] = resize(frame, (h, w), order=1, anti_aliasing=True)
     return frames, w / burst.W

@@ -45,7 +45,7 @@ def option(default, doc: str, *, low=None, high=None, low_open=False, flat: str 
 class OptimiserOptions:
     """How the networks are optimised."""
 
-    steps: int = option(400, "optimisation steps", low=1)
+    steps: int = option(400, "optimisation steps", low=1, high=100_000)
     batch: int = option(16384, "pixels per step, drawn uniformly over all frames; -k: H * W / k")
     lr_field: float = option(0.02, "learning rate of the canonical field (and the interference)", low=0,
                              low_open=True)
@@ -58,6 +58,9 @@ class OptimiserOptions:
         0.1, "coarse_to_fine when a homography motion started from feature matches (already within a pixel or "
              "two, so fine levels may come sooner)", low=0, high=1)
     motion_warmup: float = option(0.0, "fraction of the run with the motion frozen", low=0, high=1)
+    blank_weight: float = option(
+        0.1, "how often pixels of a frame found blank (almost no contrast) are drawn, relative to the other frames' "
+             "(1: as often); such frames are named in the verdict and the provenance", low=0, high=1)
     loss: Literal["l1", "mse"] = option("l1", "data term: l1 (robust to lighting changes and outliers) or mse "
                                               "(the paper's)")
     value_range: tuple[float, float] = option((0.0, 1.0), "intensities the networks see (the paper: (-1, 1))")
@@ -145,8 +148,12 @@ class RuntimeOptions:
     working_size: int = option(0, "fit on frames downscaled so the longer side is at most this (0: no limit)",
                                low=0)
     preview_every: int = option(50, "steps between canonical previews in the progress events (0: none)", low=0)
-    seed: int = option(0, "random seed: the same seed, input and device give the same result", low=0)
+    seed: int = option(0, "random seed: the same seed, input and device give the same result", low=0,
+                       high=2**32 - 1)
     device: str = option("cpu", "auto, cpu, cuda, cuda:N or mps")
+    threads: int = option(0, "torch CPU threads during the fit (0: the process's current setting); the count used "
+                             "is recorded, since results are bit-identical per seed only at the same count",
+                          low=0, high=1024)
 
 
 SECTIONS = (("optimiser", OptimiserOptions), ("field", FieldOptions), ("motion", MotionOptions),
@@ -351,6 +358,10 @@ def _check_together(config: FitConfig) -> None:
                                 "(e.g. -4)")
     if not o.value_range[0] < o.value_range[1]:
         _fail(opts["value_range"], o.value_range, "give (low, high) with low < high, e.g. (0, 1)")
+    lo, hi = o.value_range
+    if not (max(abs(lo), abs(hi)) <= 1e3 and 1e-3 <= hi - lo):  # beyond: float32 losses overflow or vanish
+        _fail(opts["value_range"], o.value_range, "give bounds within +-1000 at least 0.001 apart, e.g. (0, 1) or "
+                                                  "(-1, 1)")
     if not (_is_number(m.occlusion_seed_w) and 0 < abs(m.occlusion_seed_w) < 1):
         _fail(opts["occlusion_seed_w"], m.occlusion_seed_w, "use a depth in (-1, 1) other than 0, e.g. 0.5")
     if s.interference_motion != "none":

@@ -3,15 +3,21 @@
 Pure numpy/torch; ``psutil`` is used when installed, otherwise ``/proc/meminfo`` or ``os.sysconf``. On Linux
 the container's cgroup limit (v1 or v2) is honoured too, so a fit is refused before the kernel kills it.
 
-The estimate (:func:`estimate_fit_bytes`, parts in :func:`fit_memory_breakdown`) is deliberately
-conservative: it is the peak resident memory of a fit, from the moment the job is created (the burst is
-already normalised) to the end-of-fit reconstruction, for working frames of shape (T, h, w, C)::
+The estimate (:func:`estimate_fit_bytes`, parts in :func:`fit_memory_breakdown`) is the peak resident memory a
+fit adds to the process, from the moment the job reads the input to the end-of-fit reconstruction (the caller's
+own array is not counted), for an input of shape (T, H, W, C) fitted on working frames of shape (T, h, w, C)::
 
-    peak = data + parameters + retained + max(scaling, activations, render, resize, frames, polish) + overhead
+    peak = input + max(load, data + parameters + retained + max(scaling, activations, render, resize, frames,
+                                                                 polish)) + overhead
 
-``data``         the working burst on the device (float32), plus the resized host copy when the input is
-                 larger than ``working_size``.
-``parameters``   every parameter x 5: values, gradients, Adam's two moments and Adam's temporaries. The
+It is checked from the input's shape and dtype before anything is read or copied (``api.FusionJob``).
+
+``input``        the float32 copy of the whole input (``Burst.data``), kept for the whole fit and in the result.
+``load``         what reading the input makes first, while the copy is made: a dask or zarr input computed into
+                 one array, a strided view made contiguous, a projection over Z (input dtype).
+``data``         the working frames when the input is larger than ``working_size``, and their copy in the value
+                 range when that is not [0, 1] (the paper preset's [-1, 1]).
+``parameters``   every parameter x 4: values, gradients and Adam's two moments. The
                  count comes from the real networks built on the ``meta`` device (no memory, no data), over
                  the domain an identity start gets (the frame plus 0.4 normalised units on each side; a
                  feature start adds only 0.15, but a panorama with large motion has a larger domain).
@@ -19,14 +25,13 @@ already normalised) to the end-of-fit reconstruction, for working frames of shap
                  (grid: 6 floats per feature, 3 per MLP unit; SIREN: 3 floats per unit; homography warps:
                  float64 per-point matrices; indices, coordinates and the loss), calibrated on CPU.
 ``retained``     what the C allocator keeps of the activations (CPU/MPS, see ``_heap_factor``).
-``scaling``      the copy made while the burst is scaled onto the device (before Adam has state).
+``scaling``      the temporary of the value-range copy.
 ``render``       one rendering chunk (``render.CHUNK`` points, no autograd): previews and reconstructions.
-``resize``       (input larger than ``working_size``) three float32 copies of one input frame and two of
-                 the working burst.
+``resize``       (input larger than ``working_size``) the temporaries of resizing one input frame.
 ``frames``       the end-of-fit reconstruction of one frame at input resolution, which builds the frame's
                  full coordinate grid (40 + 8 C bytes per input pixel).
 ``polish``       (drift motions) the frames in the value range and one chunk of the Gauss-Newton refinement.
-``overhead``     128 MiB (a process's first fit loads kernels and modules) + 10 %.
+``overhead``     OVERHEAD_BYTES (a process's first fit loads kernels and modules) + OVERHEAD_FRACTION.
 
 On a CUDA device only what lives on the GPU is counted (not the host copy, resize or frame grid).
 The measurements these parts and constants were calibrated on are in benchmarks/DECISIONS.md, "memory
@@ -56,9 +61,10 @@ __all__ = ["available_bytes", "estimate_fit_bytes", "fit_memory_breakdown", "che
 
 MiB = 1 << 20
 GiB = 1 << 30
-PARAMETER_COPIES = 5      # values, gradients, Adam exp_avg and exp_avg_sq, Adam's temporaries
-OVERHEAD_BYTES = 128 * MiB  # includes the first fit's one-time cost in a process
-OVERHEAD_FRACTION = 0.10
+# calibrated on the tuning sizes of benchmarks/memory.py (1, 10.5 and 47 MPx), reported on the others
+PARAMETER_COPIES = 4      # values, gradients, Adam exp_avg and exp_avg_sq (the fused Adam keeps no temporaries)
+OVERHEAD_BYTES = 64 * MiB   # the first fit's one-time cost in a process (kernels, modules)
+OVERHEAD_FRACTION = 0.0
 IDENTITY_MARGIN = 0.4     # fit.build_model: 0.15 + 0.25 when the motion starts at the identity
 SKIP_ENV = "NAPARI_NIR_SKIP_MEMORY_CHECK"
 HEAP_BLOCK_MIN = 1 * MiB
@@ -185,21 +191,23 @@ def _meta_model(config, shape):
     hx, hy = Normaliser(h, w).half_extent()
     m = IDENTITY_MARGIN
     domain = (-hx - m, hx + m, -hy - m, hy + m)
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # make_model seeds the global generator
+    with torch.device("meta"):
         return make_model(config, (t, h, w, c), domain)
 
 
-def fit_memory_breakdown(shape, config, *, input_shape=None) -> dict[str, int]:
+def fit_memory_breakdown(shape, config, *, input_shape=None, load_bytes: int = 0) -> dict[str, int]:
     """The parts of :func:`estimate_fit_bytes` (see the module docstring) in bytes, for working frames of
-    ``shape`` (T, h, w, C), a ``FitConfig`` and (optionally) the burst's ``input_shape`` (T, H, W[, C]).
+    ``shape`` (T, h, w, C), a ``FitConfig``, the burst's ``input_shape`` (T, H, W[, C]; default: ``shape``) and
+    ``load_bytes``, what reading the input makes first (a lazy or strided input computed into one array).
 
-    "scaling", "activations", "render", "resize" and "frames" are transients that never coexist: the
+    "scaling", "activations", "render", "resize", "frames" and "polish" are transients that never coexist: the
     estimate takes the largest of them."""
     t, h, w, c = (int(v) for v in shape)
     input_shape = (t, h, w, c) if input_shape is None else tuple(int(v) for v in input_shape)
     big_h, big_w = input_shape[1], input_shape[2]
     resized = (big_h, big_w) != (h, w)
     frame_bytes = t * h * w * c * 4
+    scaled = tuple(config.value_range) != (0.0, 1.0)  # train.fit_steps copies the frames into the value range
     model = _meta_model(config, (t, h, w, c))
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
@@ -212,19 +220,27 @@ def fit_memory_breakdown(shape, config, *, input_shape=None) -> dict[str, int]:
                  + [int(g.shape[1]) for g in model.parameters() if g.dim() >= 4], default=1)
     render_points = min(CHUNK, max(big_h * big_w, 192 * 192))
     parts = {
-        "data": frame_bytes * (2 if resized else 1),
+        "input": t * big_h * big_w * c * 4,  # Burst.data: the float32 copy of the whole input, kept with the result
+        "load": int(load_bytes),
+        "data": frame_bytes * (int(resized) + int(scaled)),  # the working frames, and their value-range copy
         "parameters": PARAMETER_COPIES * params + buffers,
-        "scaling": frame_bytes,
+        "scaling": frame_bytes if scaled else 0,
         "activations": int(batch * point_train),
         "render": int(render_points * point_fwd),
-        "resize": (3 * big_h * big_w * c * 4 + 2 * frame_bytes) if resized else 0,
+        "resize": (3 * big_h * big_w * c * 4) if resized else 0,
         "frames": big_h * big_w * (40 + 8 * c),
         "polish": _polish_bytes(config, model, frame_bytes, t * h * w, c),
     }
     parts["retained"] = int(parts["activations"] * (_heap_factor(config, batch * widest * 4) - 1))
-    peak = parts["data"] + parts["parameters"] + parts["retained"] + max(parts[k] for k in _TRANSIENT)
-    parts["overhead"] = int(OVERHEAD_BYTES + OVERHEAD_FRACTION * peak)
+    parts["overhead"] = int(OVERHEAD_BYTES + OVERHEAD_FRACTION * _peak(parts, _TRANSIENT))
     return parts
+
+
+def _peak(parts: dict, transient: tuple) -> int:
+    """Reading the input (its float32 copy made while the loaded array exists), or the fit (the copy, the working
+    data, the networks and the largest transient), whichever is larger."""
+    fit = parts["data"] + parts["parameters"] + parts["retained"] + max(parts[k] for k in transient)
+    return parts["input"] + max(parts["load"], fit)
 
 
 def _heap_factor(config, tensor_bytes: int) -> float:
@@ -254,19 +270,21 @@ _TRANSIENT = ("scaling", "activations", "render", "resize", "frames", "polish")
 _HOST_ONLY = ("resize", "frames")  # built on the host even when the fit runs on a GPU
 
 
-def estimate_fit_bytes(shape, config, *, input_shape=None) -> int:
-    """Conservative peak bytes of a fit on working frames of ``shape`` (T, h, w, C) with ``config`` (FitConfig):
-    data + parameters + the largest transient + overhead (see :func:`fit_memory_breakdown`).
+def estimate_fit_bytes(shape, config, *, input_shape=None, load_bytes: int = 0) -> int:
+    """Conservative peak bytes of a fit on working frames of ``shape`` (T, h, w, C) with ``config`` (FitConfig),
+    from the moment the input is read: the input's float32 copy + the larger of reading (``load_bytes``) and the
+    fit (working data + parameters + the largest transient) + overhead (see :func:`fit_memory_breakdown`).
 
-    ``input_shape`` (T, H, W[, C]): the burst's shape, for the resize and the full-resolution reconstruction.
-    On a CUDA device (``config.device``) only what lives on the GPU is counted."""
-    parts = fit_memory_breakdown(shape, config, input_shape=input_shape)
+    ``input_shape`` (T, H, W[, C]): the burst's shape, for the copy, the resize and the full-resolution
+    reconstruction. On a CUDA device (``config.device``) only what lives on the GPU is counted."""
+    parts = fit_memory_breakdown(shape, config, input_shape=input_shape, load_bytes=load_bytes)
     transient = _TRANSIENT
     if config.runtime.device.startswith("cuda"):
         t, h, w, c = (int(v) for v in shape)
-        parts["data"] = t * h * w * c * 4  # the resized working copy stays on the host
+        parts["data"] = t * h * w * c * 4  # the frames on the GPU; the host copies are not counted
+        parts["input"] = parts["load"] = 0
         transient = tuple(k for k in _TRANSIENT if k not in _HOST_ONLY)
-    peak = parts["data"] + parts["parameters"] + parts["retained"] + max(parts[k] for k in transient)
+    peak = _peak(parts, transient)
     return int(peak + OVERHEAD_BYTES + OVERHEAD_FRACTION * peak)
 
 
@@ -292,7 +310,8 @@ def _largest_fitting(lo: int, hi: int, fits) -> int | None:
     return lo
 
 
-def check_fit_memory(shape, config, device, *, input_shape=None, available: int | None = None) -> int:
+def check_fit_memory(shape, config, device, *, input_shape=None, load_bytes: int = 0,
+                     available: int | None = None) -> int:
     """Refuse a fit that will not fit in memory: raise ValueError saying what it needs, what is available on
     ``device``, and the ``working_size`` (or number of frames) that would fit. Returns the estimate in bytes.
 
@@ -300,7 +319,7 @@ def check_fit_memory(shape, config, device, *, input_shape=None, available: int 
     available: bytes free (default: :func:`available_bytes` of ``device``).
     """
     input_shape = tuple(shape) if input_shape is None else tuple(input_shape)
-    need = estimate_fit_bytes(shape, config, input_shape=input_shape)
+    need = estimate_fit_bytes(shape, config, input_shape=input_shape, load_bytes=load_bytes)
     if os.environ.get(SKIP_ENV, "").strip() not in ("", "0"):
         return need
     device = torch.device(device)
@@ -311,7 +330,8 @@ def check_fit_memory(shape, config, device, *, input_shape=None, available: int 
 
     def need_at(size: int) -> int:
         cfg = config.replace(working_size=size)
-        return estimate_fit_bytes(working_shape(input_shape, size), cfg, input_shape=input_shape)
+        return estimate_fit_bytes(working_shape(input_shape, size), cfg, input_shape=input_shape,
+                                  load_bytes=load_bytes)
 
     longest = max(h, w)
     size = _largest_fitting(16, longest - 1, lambda s: need_at(s) <= have)
@@ -321,8 +341,8 @@ def check_fit_memory(shape, config, device, *, input_shape=None, available: int 
     options = []
     if size is not None:
         options.append(f"use working_size={size} (needs about {format_bytes(need_at(size))})")
-    frames = _largest_fitting(2, t - 1, lambda n: estimate_fit_bytes((n, h, w, c), config,
-                                                                     input_shape=(n,) + input_shape[1:]) <= have)
+    frames = _largest_fitting(2, t - 1, lambda n: estimate_fit_bytes(
+        (n, h, w, c), config, input_shape=(n,) + tuple(input_shape[1:]), load_bytes=load_bytes * n // t) <= have)
     if frames is not None:
         options.append(f"fewer frames (at most {frames} fit at the current size)")
     if device.type != "cpu":

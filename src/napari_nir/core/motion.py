@@ -144,11 +144,14 @@ def centre_gauge(matrices: np.ndarray, iterations: int = 10) -> np.ndarray:
     return out / out[:, 2:3, 2:3]
 
 
-def feature_homographies(frames: np.ndarray, *, max_side: int = 512, seed: int = 0) -> np.ndarray | None:
+def feature_homographies(frames: np.ndarray, *, max_side: int = 512, seed: int = 0,
+                         links: bool = False) -> np.ndarray | None:
     """Feature-based start: (T, H, W[, C]) frames in [0, 1] -> (T, 3, 3) pixel homographies frame t -> frame 0.
 
     ORB keypoints, cross-checked matching and RANSAC (scikit-image) between consecutive frames, chained.
     Returns None when any pair cannot be matched (too few inliers); the caller then starts from identity.
+    links=True: instead, the (T-1) list of link homographies frame t -> frame t-1, None where a pair could not be
+    matched (``robust_start`` fills those by phase correlation).
     """
     from skimage.feature import ORB, match_descriptors
     from skimage.measure import ransac
@@ -166,25 +169,90 @@ def feature_homographies(frames: np.ndarray, *, max_side: int = 512, seed: int =
         try:
             orb.detect_and_extract(img)
         except RuntimeError:
-            return None
-        if len(orb.keypoints) < 12:
-            return None
+            orb = None
+        if orb is None or len(orb.keypoints) < 12:
+            keypoints.append(None)
+            descriptors.append(None)
+            continue
         keypoints.append(orb.keypoints[:, ::-1] / factor)  # (col, row) at full resolution
         descriptors.append(orb.descriptors)
     rng = np.random.default_rng(seed)
-    chain = [np.eye(3)]
+    found: list[np.ndarray | None] = []
     for t in range(1, len(grey)):
-        matches = match_descriptors(descriptors[t], descriptors[t - 1], cross_check=True, max_ratio=0.9)
-        if len(matches) < 12:
+        model = None
+        if descriptors[t] is not None and descriptors[t - 1] is not None:
+            matches = match_descriptors(descriptors[t], descriptors[t - 1], cross_check=True, max_ratio=0.9)
+            if len(matches) >= 12:
+                src, dst = keypoints[t][matches[:, 0]], keypoints[t - 1][matches[:, 1]]
+                model, inliers = ransac((src, dst), ProjectiveTransform, min_samples=4,
+                                        residual_threshold=2.0 / factor, max_trials=2000, rng=rng)
+                if model is None or inliers is None or inliers.sum() < 10:
+                    model = None
+        if model is None and not links:
             return None
-        src, dst = keypoints[t][matches[:, 0]], keypoints[t - 1][matches[:, 1]]
-        model, inliers = ransac((src, dst), ProjectiveTransform, min_samples=4, residual_threshold=2.0 / factor,
-                                max_trials=2000, rng=rng)
-        if model is None or inliers is None or inliers.sum() < 10:
-            return None
-        chain.append(chain[-1] @ model.params)
+        found.append(None if model is None else model.params)
+    if links:
+        return found
+    return _chain(found)
+
+
+def _chain(links: list[np.ndarray]) -> np.ndarray:
+    """(T-1) link maps frame t -> frame t-1 -> (T, 3, 3) maps frame t -> frame 0, normalised to [2, 2] = 1."""
+    chain = [np.eye(3)]
+    for link in links:
+        chain.append(chain[-1] @ link)
     out = np.asarray(chain)
     return out / out[:, 2:3, 2:3]
+
+
+def _reduce(grey: np.ndarray, max_side: int) -> tuple[np.ndarray, int]:
+    """(T, H, W) -> block means with the longer side at most ``max_side``, and the block size k."""
+    h, w = grey.shape[1:3]
+    k = max(1, int(math.ceil(max(h, w) / max_side)))
+    return grey[:, :h // k * k, :w // k * k].reshape(len(grey), h // k, k, w // k, k).mean((2, 4)), k
+
+
+def shift_agreement(previous: np.ndarray, current: np.ndarray, shift) -> tuple[float, float]:
+    """(correlation, overlap) of frame ``current`` moved by ``shift`` = (d_col, d_row) onto ``previous`` (current
+    pixel + shift -> previous pixel, rounded to whole pixels): zero-mean normalised correlation over the pixels
+    both frames cover, and those pixels' fraction of the frame. -1 when they share under 64 pixels."""
+    h, w = previous.shape
+    dx, dy = (int(round(float(v))) for v in shift)
+    if abs(dx) >= w or abs(dy) >= h:
+        return -1.0, 0.0
+    rows = slice(max(0, -dy), min(h, h - dy))
+    cols = slice(max(0, -dx), min(w, w - dx))
+    a = current[rows, cols]
+    b = previous[rows.start + dy:rows.stop + dy, cols.start + dx:cols.stop + dx]
+    if a.size < 64:
+        return -1.0, a.size / (h * w)
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return (float((a * b).sum()) / denom if denom > 0 else 0.0), a.size / (h * w)
+
+
+def _translation_link(previous: np.ndarray, current: np.ndarray, tapered: tuple[np.ndarray, np.ndarray]):
+    """Shift (d_col, d_row) current -> previous in reduced pixels, and its correlation.
+
+    Phase correlation finds a shift modulo the frame size: a drift of more than half a frame comes back wrapped
+    (e.g. -186 px for +198 px in 384 px frames). Every unwrapped alternative is scored by the correlation over
+    the overlap it implies; the direct reading is kept unless an alternative correlates clearly better."""
+    from skimage.registration import phase_cross_correlation
+
+    shift, _, _ = phase_cross_correlation(tapered[0], tapered[1], upsample_factor=10)
+    dy, dx = shift
+    h, w = previous.shape
+    direct = np.array([dx, dy])
+    best, best_score = direct, shift_agreement(previous, current, direct)[0]
+    for ox in (-w, 0, w):
+        for oy in (-h, 0, h):
+            if ox == oy == 0:
+                continue
+            candidate = np.array([dx + ox, dy + oy])
+            score, overlap = shift_agreement(previous, current, candidate)
+            if overlap >= 0.05 and score > best_score + 0.1:
+                best, best_score = candidate, score
+    return best, best_score
 
 
 def phase_translations(frames: np.ndarray, *, max_side: int = 256) -> np.ndarray:
@@ -193,24 +261,58 @@ def phase_translations(frames: np.ndarray, *, max_side: int = 256) -> np.ndarray
     Phase correlation (scikit-image's ``phase_cross_correlation``, 1/10 px) between consecutive frames, chained;
     frames averaged over channels, reduced to at most ``max_side`` pixels (block means) and tapered by a Tukey
     window (flat in the middle 70 %: a Hann window biases large shifts towards zero) so that the frame edges do
-    not correlate. A start, within a pixel or two for shifts up to a third of the frame; the fit refines it.
+    not correlate. Shifts beyond half a frame are unwrapped (``_translation_link``). A start, within a pixel or
+    two; the fit refines it.
     """
+    links = [link for link, _ in _phase_links(frames, max_side)]
+    return _chain(links)
+
+
+def _phase_links(frames: np.ndarray, max_side: int = 256) -> list[tuple[np.ndarray, float]]:
+    """(T-1) (translation frame t -> frame t-1 in input pixels (3x3), correlation) by phase correlation."""
     from scipy.signal.windows import tukey
-    from skimage.registration import phase_cross_correlation
 
     grey = frames.mean(-1) if frames.ndim == 4 else frames
-    h, w = grey.shape[1:3]
-    k = max(1, int(math.ceil(max(h, w) / max_side)))
-    small = grey[:, :h // k * k, :w // k * k].reshape(len(grey), h // k, k, w // k, k).mean((2, 4))
+    small, k = _reduce(grey, max_side)
     window = np.outer(tukey(small.shape[1], 0.3), tukey(small.shape[2], 0.3))
     tapered = (small - small.mean((1, 2), keepdims=True)) * window
-    chain = [np.zeros(2)]
-    for t in range(1, len(tapered)):
-        shift, _, _ = phase_cross_correlation(tapered[t - 1], tapered[t], upsample_factor=10)
-        chain.append(chain[-1] + shift[::-1] * k)  # (d_col, d_row): frame t pixel + shift -> frame t-1 pixel
-    out = np.repeat(np.eye(3)[None], len(grey), 0)
-    out[:, :2, 2] = np.asarray(chain)
+    out = []
+    for t in range(1, len(small)):
+        shift, score = _translation_link(small[t - 1], small[t], (tapered[t - 1], tapered[t]))
+        link = np.eye(3)
+        link[:2, 2] = shift * k  # (d_col, d_row): frame t pixel + shift -> frame t-1 pixel
+        out.append((link, score))
     return out
+
+
+def robust_start(frames: np.ndarray, *, seed: int = 0, min_correlation: float = 0.3) -> tuple[np.ndarray | None, dict]:
+    """Homography start that survives large motion and featureless pairs: (T, 3, 3) frame t -> frame 0, and a
+    report {"features": links from ORB, "phase": links from phase correlation, "failed": links from neither}.
+
+    Each consecutive pair takes ORB + RANSAC (``feature_homographies``) where it matches; a pair it cannot match
+    (too little texture in the overlap, motion beyond the matcher) takes phase correlation's translation,
+    unwrapped past half a frame, when that correlates at least ``min_correlation`` over the overlap; a pair
+    neither explains keeps the identity. None (identity start) only when no pair was explained."""
+    found = feature_homographies(frames, seed=seed, links=True)
+    report = {"features": [], "phase": [], "failed": []}
+    if all(link is not None for link in found):
+        report["features"] = list(range(1, len(frames)))
+        return _chain(found), report
+    phase = _phase_links(frames)
+    links = []
+    for t, link in enumerate(found, start=1):
+        if link is not None:
+            report["features"].append(t)
+        elif phase[t - 1][1] >= min_correlation:
+            link = phase[t - 1][0]
+            report["phase"].append(t)
+        else:
+            link = np.eye(3)
+            report["failed"].append(t)
+        links.append(link)
+    if not report["features"] and not report["phase"]:
+        return None, report
+    return _chain(links), report
 
 
 class FlowMotion(nn.Module):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
+from . import diagnostics as diagnostics_module
 from . import registration, render
 from .build import make_model
 from .burst import Burst
@@ -48,6 +49,7 @@ class FusionResult:
         self.registered_on = registered_on
         self.initial_transforms = initial_transforms
         self.polish_report: dict | None = None  # drift motions: what polish.polish_matrices did (api sets it)
+        self.down_weighted: dict[int, str] = {}  # frames found blank or saturated, drawn less often (api sets it)
         self._burst = burst
         self.config = config
         self.history = history
@@ -56,6 +58,7 @@ class FusionResult:
         self.seconds = seconds
         self.completed = completed
         self._input_norm = Normaliser(burst.H, burst.W)
+        self._diagnostics: diagnostics_module.Diagnostics | None = None
 
     # -- geometry ---------------------------------------------------------------------------------
     @property
@@ -287,6 +290,33 @@ class FusionResult:
         m = self.registration_grid(reference, extent).transforms
         return registration.convert_transforms(m, "napari-nir", convention)
 
+    def diagnostics(self) -> diagnostics_module.Diagnostics:
+        """Does the fit explain its frames? A verdict ("good" or "doubtful"), one sentence per finding, a table per
+        frame and a (T, h, w) residual map on frames reduced to at most 256 px (core/diagnostics.py says what is
+        checked: neighbours that still disagree after alignment, weak overlaps, blank or saturated frames, frames
+        explained worse than the rest). Computed once, on demand. Needs the input: not after ``load``."""
+        if self._diagnostics is not None:
+            return self._diagnostics
+        b = self._burst
+        if self._source is None:
+            raise ValueError("this result does not hold its input (it was loaded from a file): diagnostics need the "
+                             "frames; re-run the fit to diagnose it")
+        frames, k = diagnostics_module.reduce_frames(b.data)
+        h, w = frames.shape[1:]
+        rows, cols = np.mgrid[0:h, 0:w].astype(np.float64) * k + (k - 1) / 2  # block centres, input pixels
+        n = self._input_norm
+        xy = np.stack([(cols.ravel() - n.cx) / n.s, (rows.ravel() - n.cy) / n.s], 1).astype(np.float32)
+        rendered = np.stack([render.render_points(self._model, t, xy, self.config.value_range, self._device)
+                             .mean(-1).reshape(h, w) for t in range(b.T)])
+        pair_maps = None
+        if not self.is_flow and not self.config.task:  # separation: the frames hold the interference too
+            reduced = np.array([[k, 0, (k - 1) / 2], [0, k, (k - 1) / 2], [0, 0, 1.0]])
+            pair_maps = np.stack([np.linalg.inv(reduced) @ self.frame_to_frame(t, t + 1) @ reduced
+                                  for t in range(b.T - 1)])
+        self._diagnostics = diagnostics_module.alignment_diagnostics(frames, rendered, pair_maps, k,
+                                                                     down_weighted=self.down_weighted)
+        return self._diagnostics
+
     def registered(self, reference="canonical", *, order: int = 1, extent: str = "frame", fill: float = 0.0):
         """The input resampled onto one common grid: every frame (every channel and plane of the input, in its
         own axes order, ``source_axes``) in the input's dtype, Y and X replaced by the grid's size. Values never
@@ -386,12 +416,16 @@ class FusionResult:
             out["axes"] = {"input": self.source_axes, "registered_on": self.registered_on}
         if self.initial_transforms is not None:
             out["initial_transforms"] = np.asarray(self.initial_transforms).tolist()
+        if self.down_weighted:
+            out["down_weighted_frames"] = {str(k): v for k, v in sorted(self.down_weighted.items())}
         if self.polish_report is not None:
             out["polish"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in self.polish_report.items()}
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write this result to ``path`` (.npz: numeric arrays + JSON, never pickle). Atomic."""
+        """Write this result to ``path`` (.npz: numeric arrays + JSON, never pickle). Atomic and durable: a hidden
+        temporary file in the same folder, fsynced, renamed over ``path``, then the folder fsynced; the file's mode
+        follows the umask (0o644 under umask 022) like the CLI's outputs."""
         b = self._burst
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "provenance": self.provenance(),
@@ -410,11 +444,15 @@ class FusionResult:
         try:
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600: give it a normally created file's mode
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+        _fsync_folder(folder)  # so that the rename itself survives a crash
 
     def _working_shape(self) -> tuple[int, int, int, int]:
         n = self._model.normaliser
@@ -557,42 +595,243 @@ def _check_scale(scale: float) -> float:
     return value
 
 
+_META_LIMIT = 16 << 20  # bytes of metadata JSON a result may hold (its history takes ~90 bytes per step)
+_MAX_SIDE = 1 << 20     # the most frames, pixels per side or channels a result may describe
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc/self/status); elsewhere it is
+    set to 0o077 (never looser) and restored at once."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: str) -> None:
+    """fsync a folder (a rename in it is durable after this); a no-op where folders cannot be opened or synced."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _member_headers(path: str, archive: zipfile.ZipFile) -> dict[str, tuple[zipfile.ZipInfo, tuple, np.dtype]]:
+    """{member name: (ZipInfo, shape, dtype)} from the zip directory and each member's .npy header (nothing else is
+    read). ValueError for: names other than ``meta.npy`` and ``param:<name>.npy`` (<name>: ASCII letters, digits,
+    '_', '.'), a name twice, members declaring more bytes in all than the file holds (a compressed bomb, members
+    sharing data), compressed or encrypted members (``save`` stores them as they are), .npy versions other than
+    1.0 / 2.0, dtypes other than bool, integer and float, and a declared size other than the header plus
+    prod(shape) * itemsize."""
+    infos = archive.infolist()
+    if len({info.filename for info in infos}) != len(infos):
+        raise ValueError(f"{path}: the archive holds a member name twice")
+    if sum(info.file_size for info in infos) > os.path.getsize(path):
+        raise ValueError(f"{path}: its members declare {sum(info.file_size for info in infos)} bytes, more than the "
+                         f"file's {os.path.getsize(path)}: a compressed or crafted archive, not a saved result")
+    headers = {}
+    for info in infos:
+        name = info.filename
+        key = name[len("param:"):-len(".npy")] if name.startswith("param:") and name.endswith(".npy") else ""
+        if name != "meta.npy" and not (key.isascii() and key.replace("_", "a").replace(".", "a").isalnum()):
+            raise ValueError(f"{path}: unexpected member {name!r}; a result holds meta.npy and param:<name>.npy")
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
+            raise ValueError(f"{path}: member {name} is compressed or encrypted; FusionResult.save stores members as "
+                             "they are")
+        try:
+            with archive.open(info) as fh:
+                version = np.lib.format.read_magic(fh)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f".npy format version {version}")
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(fh)
+                start = fh.tell()
+        except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{path}: member {name} is not a readable .npy array ({exc})") from None
+        if dtype.kind not in "biuf":
+            raise ValueError(f"{path}: member {name} has dtype {dtype}; a result holds only numbers")
+        count = 1
+        for n in shape:
+            count *= n
+        if info.file_size != start + count * dtype.itemsize:
+            raise ValueError(f"{path}: member {name} declares shape {shape} of {dtype} ({count * dtype.itemsize} "
+                             f"bytes) but holds {info.file_size - start}")
+        headers[name] = (info, shape, dtype)
+    return headers
+
+
+def _read_member(path: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One member's array (its header already checked by ``_member_headers``; the CRC is checked at its end)."""
+    try:
+        with archive.open(info) as fh:
+            return np.lib.format.read_array(fh, allow_pickle=False)
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path}: member {info.filename} cannot be read ({exc})") from None
+
+
+def _checked_meta(path: str, meta) -> tuple[FitConfig, Burst, tuple[int, int, int, int], tuple[float, ...]]:
+    """(config, burst, working shape (T, h, w, C), domain (xmin, xmax, ymin, ymax)) of a metadata record, every
+    field checked: a dict of the right format; burst T, H, W, C whole numbers in 1..2**20, layout "THW" (C 1) or
+    "THWC", dtype an integer or float dtype, lo and scale C finite numbers, lo_exact None or C integers;
+    working_shape 4 whole numbers with the burst's T and C; domain 4 finite numbers, min < max; config a valid
+    ``FitConfig``; history a list of dicts with an int "step", final_psnr and seconds None or numbers, completed a
+    bool."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a napari-nir result: its metadata is a {type(meta).__name__}, not a record")
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported format {meta.get('format')!r} version {meta.get('format_version')!r}")
+
+    def fail(why: str) -> ValueError:
+        return ValueError(f"{path}: result file is inconsistent or edited: {why}")
+
+    def whole(v, high=_MAX_SIDE) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= high
+
+    def numbers(v, n: int) -> bool:  # abs(nan) and abs(inf) fail the comparison
+        return isinstance(v, list) and len(v) == n and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) <= 1e308 for x in v)
+
+    missing = [k for k in ("config", "burst", "working_shape", "domain") if k not in meta]
+    if missing:
+        raise fail(f"its metadata lacks {', '.join(missing)}")
+    b = meta["burst"]
+    if not isinstance(b, dict) or not all(whole(b.get(k)) for k in "THWC"):
+        raise fail(f"burst size T, H, W, C must be whole numbers in 1..{_MAX_SIDE}")
+    t, c = b["T"], b["C"]
+    if b.get("layout") not in ("THW", "THWC") or (b["layout"] == "THW" and c != 1):
+        raise fail(f"burst layout {b.get('layout')!r} with {c} channel(s)")
+    try:
+        dtype = np.dtype(b.get("dtype")) if isinstance(b.get("dtype"), str) else None
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype.kind not in "iuf":
+        raise fail(f"burst dtype {b.get('dtype')!r} is not an integer or float dtype")
+    if not (numbers(b.get("lo"), c) and numbers(b.get("scale"), c)):
+        raise fail(f"burst lo and scale must be {c} finite numbers each")
+    lo_exact = b.get("lo_exact")
+    if lo_exact is not None and not (isinstance(lo_exact, list) and len(lo_exact) == c and all(
+            isinstance(v, int) and not isinstance(v, bool) and abs(v) < 1 << 64 for v in lo_exact)):
+        raise fail(f"burst lo_exact must be None or {c} integers")
+    working = meta["working_shape"]
+    if not (isinstance(working, list) and len(working) == 4 and all(whole(v) for v in working)
+            and (working[0], working[3]) == (t, c)):
+        raise fail(f"working_shape {working!r} is not (T, h, w, C) of the burst's {t} frames and {c} channel(s)")
+    domain = meta["domain"]
+    if not (numbers(domain, 4) and domain[0] < domain[1] and domain[2] < domain[3]):
+        raise fail(f"domain {domain!r} is not (xmin, xmax, ymin, ymax)")
+    if not isinstance(meta["config"], dict):
+        raise fail("its configuration is not a record")
+    try:
+        config = FitConfig.from_dict(meta["config"]).validate()
+    except (TypeError, ValueError, KeyError) as exc:
+        raise fail(f"its configuration is refused ({exc})") from None
+    history = meta.get("history", [])
+    if not (isinstance(history, list) and all(isinstance(h, dict) and isinstance(h.get("step"), int)
+                                              for h in history)):
+        raise fail("history is not a list of records with their step")
+    if not all(meta.get(k) is None or numbers([meta[k]], 1) for k in ("final_psnr", "seconds")) or \
+            not isinstance(meta.get("completed", True), bool):
+        raise fail("final_psnr, seconds or completed has the wrong type")
+    burst = Burst(data=np.broadcast_to(np.float32(0), (t, b["H"], b["W"], c)), layout=b["layout"], dtype=dtype,
+                  lo=np.asarray(b["lo"], dtype=np.float64), scale=np.asarray(b["scale"], dtype=np.float64),
+                  lo_exact=None if lo_exact is None else tuple(lo_exact))
+    return config, burst, tuple(working), tuple(float(v) for v in domain)
+
+
+def _check_networks(path: str, config: FitConfig, working, domain, params: dict) -> None:
+    """Refuse (ValueError naming the first mismatching member) a file whose param members ({name: (info, shape,
+    dtype)}) are not the state (names, shapes, dtypes) of the networks its config builds for ``working`` and
+    ``domain``. The networks are built on the meta device: shapes only, no memory, however large they would be."""
+    def fail(why: str) -> ValueError:
+        return ValueError(f"{path}: result file is inconsistent or edited: {why}")
+
+    # every grid level or network layer is at least one stored tensor: a count beyond the members is refused
+    # before building (a meta model still makes Python objects per level)
+    counts = (config.field.options.get("levels"), config.field.options.get("hidden_layers"),
+              config.separation.interference_options.get("levels"),
+              config.separation.interference_options.get("hidden_layers"), config.motion.flow_levels)
+    if any(isinstance(n, (int, float)) and n > len(params) for n in counts):
+        raise fail(f"its configuration asks for more grid levels or layers than the file's {len(params)} arrays")
+    try:
+        with torch.device("meta"):  # make_model seeds inside its own torch.random.fork_rng (build.py)
+            model = make_model(config, working, domain)
+    except Exception as exc:  # anything the file's configuration makes the construction raise
+        raise fail(f"its configuration builds no networks ({type(exc).__name__}: {exc})") from None
+    state = model.state_dict()
+    for name, tensor in state.items():
+        if name not in params:
+            raise fail(f"member param:{name}.npy is missing")
+        want = (tuple(tensor.shape), torch.empty(0, dtype=tensor.dtype).numpy().dtype)
+        if params[name][1:] != want:
+            raise fail(f"member param:{name}.npy holds {params[name][1]} of {params[name][2]}; its configuration "
+                       f"builds {want[0]} of {want[1]}")
+    extra = [name for name in params if name not in state]
+    if extra:
+        raise fail(f"member param:{extra[0]}.npy is not part of the networks its configuration builds")
+    held = sum(info.file_size for info, _, _ in params.values())
+    needed = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if needed > held + (1 << 20):  # beyond the stored state: only a few small non-persistent buffers
+        raise fail(f"its networks need {needed} bytes, more than the file holds")
+
+
 def load(path: str | os.PathLike, *, device: str = "cpu") -> FusionResult:
-    """Read a result written by ``save``. Never unpickles; a damaged or foreign file raises ValueError."""
+    """Read a result written by ``save``. Never unpickles; a damaged, foreign or edited file raises ValueError
+    naming it, and is refused before anything is allocated for its contents:
+
+    1. the zip directory and each member's .npy header (``_member_headers``): the members ``meta.npy`` and
+       ``param:<name>.npy``, stored, each declaring header + prod(shape) * itemsize bytes, in all no more than
+       the file's size;
+    2. the metadata (``meta.npy``: uint8 (n,), n <= 16 MiB of JSON) and its fields (``_checked_meta``);
+    3. the networks its config builds, on the meta device (no memory): their state's names, shapes and dtypes must
+       be the param members' (``_check_networks``).
+
+    Then the networks are built and the members read into them one at a time: a load needs the networks' size
+    plus its largest member, under twice what the file holds. A missing file raises FileNotFoundError."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such result file: {path}")
+    dev = resolve_device(device)
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
+        archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise ValueError(f"{path} is not a readable napari-nir result ({exc}); it may be truncated or not a "
                          "file written by FusionResult.save") from None
-    if "meta" not in arrays or arrays["meta"].dtype != np.uint8:
-        raise ValueError(f"{path} is not a napari-nir result: its metadata record is missing")
-    try:
-        meta = json.loads(arrays.pop("meta").tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: metadata is corrupt ({exc})") from None
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported format {meta.get('format')!r} version {meta.get('format_version')!r}")
-    try:
-        config = FitConfig.from_dict(meta["config"])
-        b = meta["burst"]
-        dev = resolve_device(device)
-        model = make_model(config, tuple(meta["working_shape"]), meta["domain"])
-        state = {k[len("param:"):]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith("param:")}
-        model.load_state_dict(state, strict=True)
-        burst = Burst(data=np.broadcast_to(np.float32(0), (b["T"], b["H"], b["W"], b["C"])), layout=b["layout"],
-                      dtype=np.dtype(b["dtype"]), lo=np.asarray(b["lo"], dtype=np.float64),
-                      scale=np.asarray(b["scale"], dtype=np.float64),
-                      lo_exact=None if b.get("lo_exact") is None else tuple(int(v) for v in b["lo_exact"]))
-    except (KeyError, TypeError, RuntimeError) as exc:
-        raise ValueError(f"{path}: result file is inconsistent or edited ({type(exc).__name__}: {exc})") from None
+    with archive:
+        headers = _member_headers(path, archive)
+        meta_info = headers.pop("meta.npy", None)
+        if meta_info is None:
+            raise ValueError(f"{path} is not a napari-nir result: its metadata record is missing")
+        info, shape, dtype = meta_info
+        if dtype != np.uint8 or len(shape) != 1 or shape[0] > _META_LIMIT:
+            raise ValueError(f"{path}: its metadata member is {shape} of {dtype}, not at most {_META_LIMIT} bytes")
+        try:
+            meta = json.loads(_read_member(path, archive, info).tobytes().decode())
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise ValueError(f"{path}: metadata is corrupt ({exc})") from None
+        config, burst, working, domain = _checked_meta(path, meta)
+        params = {name[len("param:"):-len(".npy")]: header for name, header in headers.items()}
+        _check_networks(path, config, working, domain, params)
+        model = make_model(config, working, domain)
+        state = model.state_dict()
+        with torch.no_grad():
+            for name, (info, _, _) in params.items():
+                state[name].copy_(torch.from_numpy(_read_member(path, archive, info)))
     kind = SeparationResult if config.task else FusionResult
-    return kind(model.to(dev), burst, config, meta.get("history", []), dev,
-                        final_psnr=meta.get("final_psnr"), seconds=meta.get("seconds"),
-                        completed=meta.get("completed", True))
+    return kind(model.to(dev), burst, config, meta.get("history", []), dev, final_psnr=meta.get("final_psnr"),
+                seconds=meta.get("seconds"), completed=meta.get("completed", True))
 
 
 # -- the artefact table ---------------------------------------------------------------------------------------
@@ -736,6 +975,23 @@ def _transforms_record(result, view: _View) -> dict:
             "pystackreg": result.transforms(convention="pystackreg").tolist()}
 
 
+def _diagnostics_record(result, view: _View):
+    return None if result._source is None else result.diagnostics().summary()
+
+
+def _residual(result, view: _View):
+    if result._source is None:
+        return None
+    found = result.diagnostics()
+    return found.residual, {"verdict": found.verdict, "input_pixels_per_pixel": round(1 / found.scale, 6)}
+
+
+RESIDUAL_CONVENTION = (
+    "|frame - its reconstruction| averaged over channels, in working units (1 = the burst's range per channel), "
+    "on frames reduced by block means of input_pixels_per_pixel x input_pixels_per_pixel pixels: bright where the "
+    "fit does not explain the frames")
+
+
 def _interference_homographies(result, view: _View):
     matrices = result.interference_homographies
     return {"convention": INTERFERENCE_HOMOGRAPHY_CONVENTION, **result.rigid_layer(),
@@ -812,6 +1068,11 @@ ARTEFACTS: dict[str, ArtefactSpec] = {
         ArtefactSpec("flow magnitude", "image", "TYX", "|flow| in pixels per frame pixel", None, "image",
                      lambda r, v: np.hypot(_flow(r, v)[..., 0], _flow(r, v)[..., 1]).astype(np.float32),
                      _motion_has("flow magnitude"), display={"colormap": "magma"}),
+        # does the fit explain its frames (core/diagnostics.py)? A loaded result has no input: neither
+        ArtefactSpec("diagnostics", "record", "", "the verdict ('good' or 'doubtful'), one sentence per finding and a "
+                     "table per frame (core/diagnostics.py)", "diagnostics.json", None, _diagnostics_record),
+        ArtefactSpec("residual", "image", "TYX", RESIDUAL_CONVENTION, "residual.tif", "image", _residual,
+                     display={"colormap": "magma"}),
         ArtefactSpec("occlusion w", "image", "TYX", OCCLUSION_W_CONVENTION, "occlusion_w.tif", "image",
                      lambda r, v: r.occlusion_w(), _motion_has("occlusion w"),
                      display={"colormap": "twilight_shifted", "contrast_limits": (-1.0, 1.0)}),

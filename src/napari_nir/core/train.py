@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,7 +72,8 @@ def points_per_step(batch: int, height: int, width: int) -> int:
 
 
 def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: torch.device,
-              start: float | None = None, preview: Callable[[nn.Module], np.ndarray] | None = None):
+              start: float | None = None, preview: Callable[[nn.Module], np.ndarray] | None = None,
+              frame_weights: np.ndarray | None = None):
     """Generator: optimise ``model`` on (T, h, w, C) working frames, yielding ``ProgressEvent``s.
 
     ``model(frame_index (N,), xy (N, 2)) -> (N, C)`` predicts pixels; it also provides ``stages``,
@@ -81,11 +83,15 @@ def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: t
     start: ``time.perf_counter()`` value that event.seconds count from (default: now); a job passes the time
     before it built the model, so that the feature-based start is included in the reported times.
     preview(model) -> (h, w, C) canonical view, called every ``preview_every`` steps (None: no previews).
+    frame_weights: (T,) how often each frame's pixels are drawn, relative to one another (None: uniformly over
+    all pixels, the same draws as always).
     """
     t, h, w, c = frames.shape
     o = config.optimiser
     lo, hi = o.value_range
-    data = torch.as_tensor(frames, device=device).reshape(-1, c) * (hi - lo) + lo
+    data = torch.as_tensor(frames, device=device).reshape(-1, c)
+    if (lo, hi) != (0.0, 1.0):  # in [0, 1] already (the fast preset): the frames themselves, no copy on a CPU
+        data = data * (hi - lo) + lo
     norm = model.normaliser
     batch = points_per_step(o.batch, h, w)
     gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
@@ -98,6 +104,7 @@ def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: t
     loss_fn = torch.nn.functional.l1_loss if o.loss == "l1" else torch.nn.functional.mse_loss
     mse_to_unit = 1.0 / (hi - lo) ** 2
     stages = model.stages(config)
+    weights = None if frame_weights is None else torch.as_tensor(np.asarray(frame_weights, dtype=np.float64))
     entered: set[int] = set()
     preview_every = config.runtime.preview_every
     for step in range(1, o.steps + 1):
@@ -113,7 +120,11 @@ def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: t
             frozen = g.get("name") == "motion" and step <= warmup_steps
             g["lr"] = 0.0 if frozen else base * decay
         model.set_progress(progress, config)
-        flat = torch.randint(t * h * w, (batch,), generator=gen).to(device)
+        if weights is None:
+            flat = torch.randint(t * h * w, (batch,), generator=gen).to(device)
+        else:
+            frame = torch.multinomial(weights, batch, replacement=True, generator=gen)
+            flat = (frame * (h * w) + torch.randint(h * w, (batch,), generator=gen)).to(device)
         frame_index = flat // (h * w)
         xy = norm.flat_pixels(flat % (h * w))
         pred = model(frame_index, xy)
@@ -139,23 +150,41 @@ def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: t
         yield ProgressEvent(step, o.steps, float(loss.item()), psnr, time.perf_counter() - start, shown, stage.name)
 
 
+_SETTINGS_LOCK = threading.Lock()
+_cpu_fits = 0            # CPU fits running in this process (guarded by _SETTINGS_LOCK)
+_saved_deterministic = (False, False)
+
+
 @contextlib.contextmanager
 def cpu_fit_settings(device: torch.device):
-    """Settings for a CPU fit, restored afterwards.
+    """Settings for a CPU fit, set while any CPU fit of this process runs and restored when the last one ends.
 
     Deterministic algorithms: some multi-threaded CPU kernels (grid_sample's backward among them) accumulate
     in a thread-dependent order otherwise, and a seed must give bit-identical results.
     Flush denormals: the grid features start tiny and, with an L1 loss, their updates fall into the
     denormal range, which made CPU steps about twice as slow (benchmarks/DECISIONS.md, "CPU settings").
+    Both are process-wide torch flags. Fits in several threads (two widgets, a widget and the console) share
+    them through a count under a lock: the first fit to start saves the caller's deterministic setting and
+    sets both, the last to end restores it, so overlapping fits never switch the flags under one another and the
+    process is left as it was.
     """
+    global _cpu_fits, _saved_deterministic
     if device.type != "cpu":
         yield
         return
-    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.set_flush_denormal(True)
+    with _SETTINGS_LOCK:
+        if _cpu_fits == 0:
+            _saved_deterministic = (torch.are_deterministic_algorithms_enabled(),
+                                    torch.is_deterministic_algorithms_warn_only_enabled())
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.set_flush_denormal(True)
+        _cpu_fits += 1
     try:
         yield
     finally:
-        torch.set_flush_denormal(False)  # torch's default; it offers no getter to restore a custom value
-        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+        with _SETTINGS_LOCK:
+            _cpu_fits -= 1
+            if _cpu_fits == 0:
+                torch.set_flush_denormal(False)  # torch's default; it offers no getter to restore a custom value
+                was, warn_only = _saved_deterministic
+                torch.use_deterministic_algorithms(was, warn_only=warn_only)

@@ -1,0 +1,163 @@
+"""Does a fit explain its frames? A verdict, the reasons behind it and a residual map (numpy/scipy, no torch).
+
+A fit can converge and still be wrong: frames that a wrong start placed side by side in the canonical view are
+each reconstructed well (the field has room for all of them), so the reconstruction PSNR alone says nothing.
+:func:`alignment_diagnostics` therefore checks what a wrong alignment cannot hide, on frames reduced to at most
+``DIAGNOSTIC_SIDE`` pixels:
+
+- **pairs**: frame t+1 warped into frame t by the fitted motion must line up with frame t. The remaining shift
+  is measured by masked normalised cross-correlation over the pair's overlap (scikit-image's
+  ``phase_cross_correlation`` with masks, Padfield 2012: integer pixels of the reduced frames); a shift of
+  ``PAIR_SHIFT_PX`` input pixels or more means the fitted map is wrong by about that much;
+- **overlap**: a pair that shares less than ``MIN_OVERLAP`` of the frame constrains its alignment weakly;
+- **agreement**: the pair's correlation over the overlap, against the burst's median pair;
+- **unusable frames**: blank (almost no contrast) or saturated (a large part clipped at the burst's extremes);
+- **residual**: the per-frame mean absolute residual of the reconstruction, against the burst's median.
+
+Any finding makes the verdict "doubtful"; none, "good". The thresholds are physical (pixels, fractions), not
+tuned on a sample; their check is tests/core/test_diagnostics.py and benchmarks/diagnostics.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.ndimage import map_coordinates
+
+__all__ = ["Diagnostics", "alignment_diagnostics", "unusable_frames", "DIAGNOSTIC_SIDE"]
+
+DIAGNOSTIC_SIDE = 256       # frames are reduced (block means) to at most this many pixels per side
+PAIR_SHIFT_PX = 2.0         # remaining shift between aligned neighbours, input pixels
+MIN_OVERLAP = 0.2           # fraction of frame t covered by frame t+1 under the fitted map
+AGREEMENT_DROP = 0.5        # a pair correlating below this fraction of the median pair (and below 0.5)
+RESIDUAL_RATIO = 3.0        # a frame's mean residual above this multiple of the median frame's
+SATURATED_FRACTION = 0.3    # pixels at the burst's own minimum or maximum
+BLANK_CONTRAST = 0.02       # frame standard deviation below this fraction of the median frame's
+
+
+@dataclass
+class Diagnostics:
+    """verdict: "good" or "doubtful"; reasons: one sentence per finding; frames: one dict per frame (psnr_db,
+    residual, and for t < T-1 the pair (t, t+1): shift_px, overlap, correlation); residual: (T, h, w) float32
+    mean absolute residual over channels in working units [0, 1], on frames reduced by ``scale`` (reduced
+    pixels per input pixel); unusable: {frame: "blank" | "saturated"}."""
+
+    verdict: str
+    reasons: list[str]
+    frames: list[dict]
+    residual: np.ndarray = field(repr=False)
+    scale: float
+    unusable: dict[int, str]
+
+    def summary(self) -> dict:
+        """JSON-able: everything but the residual map."""
+        return {"verdict": self.verdict, "reasons": list(self.reasons), "frames": self.frames,
+                "unusable_frames": {str(k): v for k, v in self.unusable.items()},
+                "residual_scale": self.scale,
+                "thresholds": {"pair_shift_px": PAIR_SHIFT_PX, "min_overlap": MIN_OVERLAP,
+                               "agreement_drop": AGREEMENT_DROP, "residual_ratio": RESIDUAL_RATIO,
+                               "saturated_fraction": SATURATED_FRACTION, "blank_contrast": BLANK_CONTRAST}}
+
+
+def reduce_frames(frames: np.ndarray, side: int = DIAGNOSTIC_SIDE) -> tuple[np.ndarray, int]:
+    """(T, H, W[, C]) -> ((T, H // k, W // k) channel-mean block means, k) with k the smallest factor that brings
+    the longer side to at most ``side``."""
+    grey = frames.mean(-1, dtype=np.float32) if frames.ndim == 4 else np.asarray(frames, np.float32)
+    t, h, w = grey.shape
+    k = max(1, math.ceil(max(h, w) / side))
+    return grey[:, :h // k * k, :w // k * k].reshape(t, h // k, k, w // k, k).mean((2, 4)), k
+
+
+def unusable_frames(frames: np.ndarray) -> dict[int, str]:
+    """{frame: "blank" | "saturated"} for (T, h, w) grey frames in working units (the burst's range is [0, 1])."""
+    std = frames.std(axis=(1, 2))
+    typical = float(np.median(std))
+    clipped = np.mean((frames <= 0.002) | (frames >= 0.998), axis=(1, 2))
+    typical_clipped = float(np.median(clipped))
+    out = {}
+    for t in range(len(frames)):
+        if typical > 0 and std[t] < BLANK_CONTRAST * typical:
+            out[t] = "blank"
+        elif clipped[t] >= SATURATED_FRACTION and clipped[t] > 3 * typical_clipped:
+            out[t] = "saturated"
+    return out
+
+
+def _warp_into(frame: np.ndarray, pair_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Frame s resampled onto frame t's pixels through ``pair_map`` (3x3, frame-t pixel (col, row, 1) -> frame-s
+    pixel), and the mask of frame-t pixels that land inside frame s."""
+    h, w = frame.shape
+    rows, cols = np.mgrid[0:h, 0:w].astype(np.float64)
+    pts = pair_map @ np.stack([cols.ravel(), rows.ravel(), np.ones(h * w)])
+    x, y = pts[0] / pts[2], pts[1] / pts[2]
+    inside = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
+    warped = map_coordinates(frame, [y, x], order=1, mode="nearest").reshape(h, w)
+    return warped.astype(np.float32), inside.reshape(h, w)
+
+
+def _pair(first: np.ndarray, second: np.ndarray, pair_map: np.ndarray, k: int) -> dict:
+    """The pair check of ``alignment_diagnostics`` for reduced frames t, t+1 and the reduced map t -> t+1."""
+    from skimage.registration import phase_cross_correlation
+
+    warped, mask = _warp_into(second, pair_map)
+    overlap = float(mask.mean())
+    out = {"overlap": round(overlap, 4), "shift_px": None, "correlation": None}
+    if mask.sum() < 64:
+        return out
+    a, b = first[mask], warped[mask]
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    out["correlation"] = round(float((a * b).sum()) / denom, 4) if denom > 0 else 0.0
+    if overlap >= MIN_OVERLAP:
+        shift = phase_cross_correlation(first, warped, reference_mask=mask, moving_mask=mask,
+                                        overlap_ratio=0.3)
+        shift = shift[0] if isinstance(shift, tuple) else shift
+        out["shift_px"] = round(float(np.hypot(*np.asarray(shift, dtype=float))) * k, 3)
+    return out
+
+
+def alignment_diagnostics(frames: np.ndarray, rendered: np.ndarray, pair_maps: np.ndarray | None,
+                          k: int, down_weighted: dict | None = None) -> Diagnostics:
+    """frames, rendered: (T, h, w) reduced grey input and reconstruction, working units; pair_maps: (T-1, 3, 3)
+    reduced frame-t pixel -> frame-(t+1) pixel maps of the fit (None for flow models: pairs are not checked);
+    k: input pixels per reduced pixel; down_weighted: {frame: kind} the fit drew less often (api). See the module
+    docstring for what is checked."""
+    t_count = len(frames)
+    residual = np.abs(rendered - frames).astype(np.float32)
+    mean_residual = residual.mean(axis=(1, 2))
+    mse = np.mean((rendered - frames) ** 2, axis=(1, 2))
+    unusable = unusable_frames(frames)
+    rows = [{"frame": t, "psnr_db": round(float(-10 * np.log10(max(mse[t], 1e-12))), 2),
+             "residual": round(float(mean_residual[t]), 5)} for t in range(t_count)]
+    reasons = []
+    for t, kind in unusable.items():
+        what = "has almost no contrast" if kind == "blank" else "is largely clipped at the burst's extremes"
+        done = ("the fit drew its pixels less often (blank_weight), so it pulls the others little" if t in
+                (down_weighted or {}) else "it may pull the others")
+        reasons.append(f"frame {t} {what} ({kind}): its alignment rests on little and {done}; check it, or leave "
+                       f"it out")
+    if pair_maps is not None:
+        for t in range(t_count - 1):
+            rows[t].update(_pair(frames[t], frames[t + 1], pair_maps[t], k))
+        pairs = [r for r in rows[:-1] if r["frame"] not in unusable and r["frame"] + 1 not in unusable]
+        correlations = [r["correlation"] for r in pairs if r["correlation"] is not None]
+        typical = float(np.median(correlations)) if correlations else None
+        for r in pairs:
+            t = r["frame"]
+            if r["overlap"] < MIN_OVERLAP:
+                reasons.append(f"frames {t} and {t + 1} overlap by only {100 * r['overlap']:.0f} % under the fitted "
+                               f"motion: the alignment between them is weakly constrained")
+            elif r["shift_px"] is not None and r["shift_px"] >= PAIR_SHIFT_PX:
+                reasons.append(f"frames {t} and {t + 1} still differ by a shift of about {r['shift_px']:.0f} px "
+                               f"after alignment: the fitted motion between them is wrong")
+            elif (typical is not None and r["correlation"] is not None and r["correlation"] < 0.5
+                  and r["correlation"] < AGREEMENT_DROP * typical):
+                reasons.append(f"frames {t} and {t + 1} agree poorly after alignment (correlation "
+                               f"{r['correlation']:.2f}, median pair {typical:.2f})")
+    typical_residual = float(np.median(mean_residual))
+    for t in range(t_count):
+        if t not in unusable and typical_residual > 0 and mean_residual[t] > RESIDUAL_RATIO * typical_residual:
+            reasons.append(f"frame {t} is explained {mean_residual[t] / typical_residual:.1f}x worse than the median "
+                           f"frame (mean residual {mean_residual[t]:.3f})")
+    return Diagnostics("doubtful" if reasons else "good", reasons, rows, residual, 1.0 / k, unusable)

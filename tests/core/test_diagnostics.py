@@ -1,0 +1,71 @@
+"""fit.diagnostics(): a converged-but-wrong alignment is called doubtful, a good one good; blank and saturated
+frames are named; the start survives drifts beyond half a frame (core/diagnostics.py, core/motion.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import napari_nir as nir
+from napari_nir.core import diagnostics, motion
+
+
+def test_a_good_fit_is_called_good(small_fit):
+    found = small_fit.diagnostics()
+    assert found.verdict == "good", found.reasons
+    assert found.residual.shape == (5, 64, 64) and found.residual.dtype == np.float32
+    assert all(r["shift_px"] == 0.0 for r in found.frames[:-1])
+    assert small_fit.diagnostics() is found  # computed once
+
+
+def test_a_converged_but_wrong_alignment_is_called_doubtful(small_sample):
+    """Frame 2 starts 25 px off and the fit keeps it there (the field has room for it): before, nothing said so."""
+    wrong = np.repeat(np.eye(3)[None], 5, 0)
+    wrong[2, 0, 2] = 25.0
+    fit = nir.fuse(small_sample.frames, steps=60, init=wrong, preview_every=0)
+    found = fit.diagnostics()
+    assert found.verdict == "doubtful"
+    assert any("frames 1 and 2" in r or "frames 2 and 3" in r for r in found.reasons), found.reasons
+
+
+def test_blank_and_saturated_frames_are_named():
+    rng = np.random.default_rng(0)
+    frames = rng.uniform(0.2, 0.8, (6, 32, 32)).astype(np.float32)
+    frames[2] = 0.5                                    # blank
+    frames[4, :, :20] = 1.0                            # more than half clipped at the burst's maximum
+    assert diagnostics.unusable_frames(frames) == {2: "blank", 4: "saturated"}
+
+
+def test_diagnostics_need_the_input(tmp_path, small_fit):
+    small_fit.save(tmp_path / "fit.npz")
+    with pytest.raises(ValueError, match="loaded from a file"):
+        nir.load(tmp_path / "fit.npz").diagnostics()
+
+
+def _drifting(step: int, side: int = 192, frames: int = 4, seed: int = 0, smooth: float = 1.5):
+    """Frames of a textured image drifting ``step`` px per frame (+- 12 px jitter); offsets (row, col)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    base = gaussian_filter(rng.standard_normal((side + 40, side + step * frames + 40)), smooth)
+    offsets = [(int(20 + rng.integers(-12, 13)), int(20 + t * step + rng.integers(-12, 13))) for t in range(frames)]
+    stack = np.stack([base[r:r + side, c:c + side] for r, c in offsets]).astype(np.float32)
+    return (stack - stack.min()) / (stack.max() - stack.min()), offsets
+
+
+def test_phase_start_unwraps_drifts_beyond_half_a_frame():
+    """A 110 px drift in 192 px frames: phase correlation alone reads -82 px (modulo the frame)."""
+    stack, offsets = _drifting(110)
+    found = motion.phase_translations(stack)[:, :2, 2]
+    truth = np.array([[c - offsets[0][1], r - offsets[0][0]] for r, c in offsets])
+    assert np.abs(found - truth).max() <= 1.5
+
+
+def test_robust_start_fills_links_the_features_miss():
+    """Featureless pairs (a smooth field: ORB finds no corners) take the phase link instead of failing the whole
+    start (before: identity for every frame)."""
+    stack, offsets = _drifting(110, smooth=8.0)
+    assert motion.feature_homographies(stack) is None
+    start, report = motion.robust_start(stack)
+    assert report["phase"] and not report["failed"]
+    truth = np.array([[c - offsets[0][1], r - offsets[0][0]] for r, c in offsets])
+    assert np.abs(start[:, :2, 2] - truth).max() <= 1.5
