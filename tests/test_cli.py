@@ -655,3 +655,18 @@ def test_channels_first_stack_is_registered_on_one_channel_and_written_whole(tmp
     assert cli.main(["fuse", str(tmp_path / "stack.npy"), "-o", str(tmp_path / "x"), "--axes", "TCYX",
                      "--register-on", "two"]) == 2
     assert "--register-on" in capsys.readouterr().err
+
+
+def test_memory_refusal_comes_from_the_file_header_before_reading(tmp_path, monkeypatch, capsys):
+    """A fit that will not fit is refused from the input's header: the file is never read (before: the whole file
+    was read, then the fit refused)."""
+    from napari_nir import io
+    from napari_nir.core import memory
+
+    path = tmp_path / "burst.npy"
+    np.save(path, np.zeros((3, 64, 64), np.uint8))
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 4 * memory.MiB)
+    monkeypatch.setattr(io, "read_burst", lambda p: pytest.fail("the input was read before the memory check"))
+    assert cli.main(["fuse", str(path), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "refused before reading it" in err and "3 x 64 x 64 uint8" in err and len(err.strip().splitlines()) == 1

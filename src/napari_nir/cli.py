@@ -529,6 +529,7 @@ def _run_fit(args, kind: str) -> int:
     outdir = _output_folder(args.output)
     plan = _plan(args, kind)
     _check_outputs(outdir, plan.declared, args.overwrite)
+    _check_memory_from_header(args, plan)
     burst = io.read_burst(args.burst)
     _check_burst_shape(burst, args.burst)
     fit = _fit(burst, args, plan)
@@ -609,6 +610,32 @@ def _check_outputs(outdir: Path, names: list[str], overwrite: bool) -> None:
     if present and not overwrite:
         raise CLIError(f"{outdir} already holds {', '.join(present)}; pass --overwrite to replace "
                        f"{'it' if len(present) == 1 else 'them'}, or choose another folder with -o")
+
+
+def _check_memory_from_header(args, plan: Plan) -> None:
+    """Refuse a CPU fit that will not fit in memory from the input file's header, before the file is read (the fit
+    checks again once it has the array). The file's array (read through one temporary copy) stays in memory beside
+    the fit. A stack with --axes, a GPU device or a header that says nothing: left to the fit's own check."""
+    from . import io
+    from .core import memory
+    from .core.burst import working_shape
+    from .core.train import resolve_device
+
+    header = io.burst_header(args.burst)
+    if header is None or getattr(args, "axes", None) or resolve_device(plan.call.get("device", "auto")).type != "cpu":
+        return
+    shape, dtype = header
+    if len(shape) not in (3, 4) or min(shape) < 1:
+        return
+    shape4 = shape if len(shape) == 4 else shape + (1,)
+    file_bytes = math.prod(shape) * dtype.itemsize
+    config = plan.config.replace(device="cpu")
+    try:
+        memory.check_fit_memory(working_shape(shape4, config.runtime.working_size), config, "cpu",
+                                input_shape=shape4, available=memory.available_bytes("cpu") - 2 * file_bytes)
+    except ValueError as exc:
+        raise CLIError(f"{args.burst} ({' x '.join(map(str, shape))} {dtype}, {memory.format_bytes(file_bytes)} in "
+                       f"memory) is refused before reading it: {exc}") from None
 
 
 def _check_burst_shape(burst: np.ndarray, source) -> None:

@@ -68,6 +68,33 @@ def read_burst(path: str | os.PathLike) -> np.ndarray:
                      f"TIFF (.tif/.tiff), a .npy array, or a folder of frames ({', '.join(FRAME_EXTENSIONS)})")
 
 
+def burst_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) of the array ``read_burst`` would return, from the file's header (TIFF: the first series;
+    .npy: its header; a folder: its first frame times the number of frames), without reading the data; None when
+    the header cannot tell (``read_burst`` then says what is wrong)."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            files = _frame_files(p)
+            if not files:
+                return None
+            first = _read_frame(files[0])
+            return (len(files),) + first.shape, first.dtype
+        suffix = p.suffix.lower()
+        if suffix in TIFF_EXTENSIONS:
+            import tifffile
+
+            with tifffile.TiffFile(p) as tif:
+                series = tif.series[0]
+                return tuple(int(n) for n in series.shape), np.dtype(series.dtype)
+        if suffix == ".npy":
+            array = np.load(p, mmap_mode="r", allow_pickle=False)
+            return tuple(array.shape), array.dtype
+    except Exception:  # noqa: BLE001 - a damaged file: read_burst reports it
+        return None
+    return None
+
+
 def _natural_key(name: str) -> list:
     """Sort key: digit runs compare as numbers (frame2 < frame10), the rest case-insensitively."""
     return [(0, int(part), part) if part.isdigit() else (1, 0, part.lower())

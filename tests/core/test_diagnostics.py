@@ -21,7 +21,7 @@ def test_a_converged_but_wrong_alignment_is_called_doubtful(small_sample):
     """Frame 2 starts 25 px off and the fit keeps it there (the field has room for it): before, nothing said so."""
     wrong = np.repeat(np.eye(3)[None], 5, 0)
     wrong[2, 0, 2] = 25.0
-    fit = nir.fuse(small_sample.frames, steps=60, init=wrong, preview_every=0)
+    fit = nir.fuse(small_sample.frames, steps=20, init=wrong, preview_every=0)
     found = fit.diagnostics()
     assert found.verdict == "doubtful"
     assert any("frames 1 and 2" in r or "frames 2 and 3" in r for r in found.reasons), found.reasons
