@@ -69,3 +69,16 @@ def test_robust_start_fills_links_the_features_miss():
     assert report["phase"] and not report["failed"]
     truth = np.array([[c - offsets[0][1], r - offsets[0][0]] for r, c in offsets])
     assert np.abs(start[:, :2, 2] - truth).max() <= 1.5
+
+
+def test_match_residuals_see_a_systematic_offset_through_keypoint_noise():
+    """Keypoints found to about half a pixel: the median distance keeps that noise, the median vector does not."""
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 100, (200, 2))
+    dst = src + rng.normal(0, 0.6, src.shape)          # frame t points of frame t+1's keypoints, truth: identity
+    pair_maps = np.repeat(np.eye(3)[None], 1, 0)
+    right = diagnostics.match_residuals(pair_maps, {1: (dst, src)})[0]
+    off = pair_maps.copy()
+    off[0, 0, 2] = -1.5                                  # a fitted map 1.5 px off
+    wrong = diagnostics.match_residuals(off, {1: (dst, src)})[0]
+    assert right[0] < 0.2 and abs(wrong[0] - 1.5) < 0.2 and wrong[1] == 200

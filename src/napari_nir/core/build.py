@@ -31,36 +31,39 @@ __all__ = ["build_model", "make_model", "initial_homographies", "SEED_LOCK"]
 SEED_LOCK = threading.Lock()  # serialises only the seeded draws of model construction (module docstring)
 
 
-def initial_homographies(frames: np.ndarray, config: FitConfig, norm: Normaliser) -> np.ndarray | None:
-    """(T, 3, 3) normalised frame -> canonical start homographies (gauge-centred), or None for identity."""
+def initial_homographies(frames: np.ndarray, config: FitConfig, norm: Normaliser) -> tuple[np.ndarray | None, dict]:
+    """(T, 3, 3) normalised frame -> canonical start homographies (gauge-centred), or None for identity; and the
+    feature matches the start rests on ({t: (frame-t points, frame-(t-1) points)}, working pixels; {} without)."""
     m = config.motion
     if m.init == "identity":
-        return None
+        return None, {}
+    matches: dict = {}
     if get_motion(m.model).start == "phase":
         pixel = phase_translations(frames)
     else:
-        pixel = _feature_start(frames, config)
+        pixel, matches = _feature_start(frames, config)
     if pixel is None:
-        return None
+        return None, matches
     n = norm.matrix
     normalised = np.einsum("ij,tjk,kl->til", n, pixel, np.linalg.inv(n))
-    return centre_gauge(normalised)
+    return centre_gauge(normalised), matches
 
 
-def _feature_start(frames: np.ndarray, config: FitConfig) -> np.ndarray | None:
-    """(T, 3, 3) pixel homographies frame t -> frame 0 from feature matches, or None (identity start)."""
+def _feature_start(frames: np.ndarray, config: FitConfig) -> tuple[np.ndarray | None, dict]:
+    """(T, 3, 3) pixel homographies frame t -> frame 0 from feature matches (None: identity start), and the
+    matches (``motion.robust_start``'s report)."""
     m = config.motion
     if m.feature_prefilter > 1:
         # thin obstructions (fence wires, rain streaks) are high-contrast corners that feature matching would
         # follow instead of the scene; a median filter wider than they are removes them first
         k = m.feature_prefilter
         frames = median_filter(frames, size=(1, k, k, 1)[:frames.ndim])
-    pixel, _ = robust_start(frames, seed=config.seed)
+    pixel, report = robust_start(frames, seed=config.seed)
     if pixel is None:
         if m.init == "features":
             raise ValueError("feature-based initialisation failed: too few keypoint matches between consecutive "
                              "frames; use init='identity' (small motions) or a burst with more texture/overlap")
-    return pixel
+    return pixel, report["matches"]
 
 
 def build_model(frames: np.ndarray, config: FitConfig, device: torch.device,
@@ -74,18 +77,22 @@ def build_model(frames: np.ndarray, config: FitConfig, device: torch.device,
     """
     t, h, w, c = frames.shape
     norm = Normaliser(h, w)
+    matches: dict = {}
     if start is not None:
         init = centre_gauge(np.asarray(start, dtype=np.float64))
+    elif get_motion(config.motion.model).feature_start(config):
+        init, matches = initial_homographies(frames, config, norm)
     else:
-        init = initial_homographies(frames, config, norm) if get_motion(config.motion.model).feature_start(config) \
-            else None
+        init = None
     start = init if init is not None else np.repeat(np.eye(3)[None], t, 0)
     xmin, xmax, ymin, ymax = frame_bounds(start, norm)
     margin = 0.15 + (0.25 if init is None else 0.0)
     domain = (xmin - margin, xmax + margin, ymin - margin, ymax + margin)
     lo, hi = config.value_range
     mean = frames.reshape(-1, c).mean(0) * (hi - lo) + lo
-    return make_model(config, (t, h, w, c), domain, init=init, mean=mean).to(device)
+    model = make_model(config, (t, h, w, c), domain, init=init, mean=mean).to(device)
+    model.start_matches = matches  # what the diagnostics check the fitted motion against (not saved)
+    return model
 
 
 def make_model(config: FitConfig, shape: tuple[int, int, int, int], domain, *, init=None, mean=None) -> nn.Module:

@@ -51,6 +51,7 @@ class FusionModel(nn.Module):
         self.exposure = exposure
         self.run_stages = stages or [Stage("fit")]
         self.feature_started = False  # set by build when the motion starts from feature matches
+        self.start_matches: dict = {}  # build: the start's feature matches, {t: (frame-t, frame-(t-1) points)}
         # set by build: fine levels fade in over coarse_to_fine_featured instead of coarse_to_fine
         self.fast_ramp = False
         if exposure:

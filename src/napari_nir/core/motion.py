@@ -150,8 +150,9 @@ def feature_homographies(frames: np.ndarray, *, max_side: int = 512, seed: int =
 
     ORB keypoints, cross-checked matching and RANSAC (scikit-image) between consecutive frames, chained.
     Returns None when any pair cannot be matched (too few inliers); the caller then starts from identity.
-    links=True: instead, the (T-1) list of link homographies frame t -> frame t-1, None where a pair could not be
-    matched (``robust_start`` fills those by phase correlation).
+    links=True: instead, the (T-1) list of (link homography frame t -> frame t-1, its RANSAC inliers: (N, 2) frame-t
+    points and (N, 2) frame-(t-1) points, (col, row) pixels), None where a pair could not be matched
+    (``robust_start`` fills those by phase correlation).
     """
     from skimage.feature import ORB, match_descriptors
     from skimage.measure import ransac
@@ -177,9 +178,9 @@ def feature_homographies(frames: np.ndarray, *, max_side: int = 512, seed: int =
         keypoints.append(orb.keypoints[:, ::-1] / factor)  # (col, row) at full resolution
         descriptors.append(orb.descriptors)
     rng = np.random.default_rng(seed)
-    found: list[np.ndarray | None] = []
+    found: list = []
     for t in range(1, len(grey)):
-        model = None
+        model = inliers = src = dst = None
         if descriptors[t] is not None and descriptors[t - 1] is not None:
             matches = match_descriptors(descriptors[t], descriptors[t - 1], cross_check=True, max_ratio=0.9)
             if len(matches) >= 12:
@@ -190,10 +191,10 @@ def feature_homographies(frames: np.ndarray, *, max_side: int = 512, seed: int =
                     model = None
         if model is None and not links:
             return None
-        found.append(None if model is None else model.params)
+        found.append(None if model is None else (model.params, src[inliers], dst[inliers]))
     if links:
         return found
-    return _chain(found)
+    return _chain([link for link, _, _ in found])
 
 
 def _chain(links: list[np.ndarray]) -> np.ndarray:
@@ -287,20 +288,23 @@ def _phase_links(frames: np.ndarray, max_side: int = 256) -> list[tuple[np.ndarr
 
 def robust_start(frames: np.ndarray, *, seed: int = 0, min_correlation: float = 0.3) -> tuple[np.ndarray | None, dict]:
     """Homography start that survives large motion and featureless pairs: (T, 3, 3) frame t -> frame 0, and a
-    report {"features": links from ORB, "phase": links from phase correlation, "failed": links from neither}.
+    report {"features": links from ORB, "phase": links from phase correlation, "failed": links from neither,
+    "matches": {t: (frame-t points, frame-(t-1) points) of the RANSAC inliers of each feature link}}.
 
     Each consecutive pair takes ORB + RANSAC (``feature_homographies``) where it matches; a pair it cannot match
     (too little texture in the overlap, motion beyond the matcher) takes phase correlation's translation,
     unwrapped past half a frame, when that correlates at least ``min_correlation`` over the overlap; a pair
     neither explains keeps the identity. None (identity start) only when no pair was explained."""
     found = feature_homographies(frames, seed=seed, links=True)
-    report = {"features": [], "phase": [], "failed": []}
-    if all(link is not None for link in found):
+    report = {"features": [], "phase": [], "failed": [],
+              "matches": {t: (m[1], m[2]) for t, m in enumerate(found, start=1) if m is not None}}
+    if all(m is not None for m in found):
         report["features"] = list(range(1, len(frames)))
-        return _chain(found), report
+        return _chain([m[0] for m in found]), report
     phase = _phase_links(frames)
     links = []
-    for t, link in enumerate(found, start=1):
+    for t, matched in enumerate(found, start=1):
+        link = None if matched is None else matched[0]
         if link is not None:
             report["features"].append(t)
         elif phase[t - 1][1] >= min_correlation:

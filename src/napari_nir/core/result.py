@@ -313,8 +313,17 @@ class FusionResult:
             reduced = np.array([[k, 0, (k - 1) / 2], [0, k, (k - 1) / 2], [0, 0, 1.0]])
             pair_maps = np.stack([np.linalg.inv(reduced) @ self.frame_to_frame(t, t + 1) @ reduced
                                   for t in range(b.T - 1)])
+        matched = None
+        matches = getattr(self._model, "start_matches", None)
+        if pair_maps is not None and matches:
+            n = self._model.normaliser  # the start matched the working frames: their pixels -> input pixels
+            factor = np.array([b.W / n.width, b.H / n.height])
+            to_input = {t: ((src + 0.5) * factor - 0.5, (dst + 0.5) * factor - 0.5)
+                        for t, (src, dst) in matches.items()}
+            input_maps = np.stack([self.frame_to_frame(t, t + 1) for t in range(b.T - 1)])
+            matched = diagnostics_module.match_residuals(input_maps, to_input)
         self._diagnostics = diagnostics_module.alignment_diagnostics(frames, rendered, pair_maps, k,
-                                                                     down_weighted=self.down_weighted)
+                                                                     down_weighted=self.down_weighted, matched=matched)
         return self._diagnostics
 
     def registered(self, reference="canonical", *, order: int = 1, extent: str = "frame", fill: float = 0.0):
