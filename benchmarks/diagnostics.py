@@ -115,7 +115,7 @@ def bad_frames(quick: bool, device: str) -> dict:
     """One blank or saturated frame (frame 3) in a burst of 7: the other frames' alignment, with and without
     drawing the blank frame less often."""
     rows = []
-    for seed in (30, 31) if quick else (30, 31, 32, 33):
+    for seed in (30, 31) if quick else (30, 31, 32, 33, 34, 35):
         sample = homography_burst(7, (160, 160), seed=seed)
         frames = np.asarray(sample.frames, dtype=np.float32)
         blank = frames.copy()

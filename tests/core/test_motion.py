@@ -152,3 +152,22 @@ def test_polish_lowers_the_drift_error_of_the_fit():
     errors[3] = corner_error(job.result().homographies, sample.homographies, (128, 128)).mean()
     print(f"polish: mean corner error {errors[0]:.4f} px without, {errors[3]:.4f} px with")
     assert errors[3] < 0.7 * errors[0], errors
+
+
+def test_robust_start_links_across_a_blank_frame():
+    """A blank frame has no features: the chain used to break there (identity links), starting every later frame
+    off by the missing motion; skipped, its neighbours link to each other."""
+    from napari_nir._sample_data import homography_burst
+
+    sample = homography_burst(5, (128, 128), seed=5)
+    frames = np.asarray(sample.frames, dtype=np.float32)
+    frames = (frames - frames.min()) / (frames.max() - frames.min())
+    frames[2] = frames.mean()
+    start, report = motion.robust_start(frames, skip=[2])
+    truth = np.linalg.inv(sample.homographies[0]) @ sample.homographies
+    centre = np.array([63.5, 63.5, 1.0])
+    for t in (1, 3, 4):
+        a, b = start[t] @ centre, truth[t] @ centre
+        assert np.hypot(*(a[:2] / a[2] - b[:2] / b[2])) < 1.0, t
+    assert 2 not in report["features"] + report["phase"] + report["failed"] and 3 not in report["matches"]
+    assert np.array_equal(start[2], start[1])

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import fields
 from .config import FitConfig
+from .diagnostics import reduce_frames, unusable_frames
 from .geometry import Normaliser, frame_bounds
 from .models import MOVING_MARGIN, FusionModel, SeparationModel, interference_density, interference_init
 from .motion import centre_gauge, phase_translations, robust_start
@@ -58,7 +59,9 @@ def _feature_start(frames: np.ndarray, config: FitConfig) -> tuple[np.ndarray | 
         # follow instead of the scene; a median filter wider than they are removes them first
         k = m.feature_prefilter
         frames = median_filter(frames, size=(1, k, k, 1)[:frames.ndim])
-    pixel, report = robust_start(frames, seed=config.seed)
+    # blank frames (no contrast) have nothing to match: the chain links across them
+    blank = [t for t, kind in unusable_frames(reduce_frames(frames)[0]).items() if kind == "blank"]
+    pixel, report = robust_start(frames, seed=config.seed, skip=blank)
     if pixel is None:
         if m.init == "features":
             raise ValueError("feature-based initialisation failed: too few keypoint matches between consecutive "

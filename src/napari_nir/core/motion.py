@@ -286,15 +286,38 @@ def _phase_links(frames: np.ndarray, max_side: int = 256) -> list[tuple[np.ndarr
     return out
 
 
-def robust_start(frames: np.ndarray, *, seed: int = 0, min_correlation: float = 0.3) -> tuple[np.ndarray | None, dict]:
-    """Homography start that survives large motion and featureless pairs: (T, 3, 3) frame t -> frame 0, and a
-    report {"features": links from ORB, "phase": links from phase correlation, "failed": links from neither,
-    "matches": {t: (frame-t points, frame-(t-1) points) of the RANSAC inliers of each feature link}}.
+def robust_start(frames: np.ndarray, *, seed: int = 0, min_correlation: float = 0.3,
+                 skip=()) -> tuple[np.ndarray | None, dict]:
+    """Homography start that survives large motion, featureless pairs and blank frames: (T, 3, 3) frame t ->
+    frame 0 (or the first frame not skipped), and a report {"features": links from ORB, "phase": links from phase
+    correlation, "failed": links from neither, "matches": {t: (frame-t points, frame-(t-1) points) of the RANSAC
+    inliers of each feature link between consecutive frames}} (links named by their later frame).
 
-    Each consecutive pair takes ORB + RANSAC (``feature_homographies``) where it matches; a pair it cannot match
-    (too little texture in the overlap, motion beyond the matcher) takes phase correlation's translation,
-    unwrapped past half a frame, when that correlates at least ``min_correlation`` over the overlap; a pair
-    neither explains keeps the identity. None (identity start) only when no pair was explained."""
+    Each pair of neighbouring frames takes ORB + RANSAC (``feature_homographies``) where it matches; a pair it
+    cannot match (too little texture in the overlap, motion beyond the matcher) takes phase correlation's
+    translation, unwrapped past half a frame, when that correlates at least ``min_correlation`` over the overlap;
+    a pair neither explains keeps the identity. None (identity start) only when no pair was explained.
+    skip: frames with nothing to match (blank): the chain links their neighbours to each other across them, and a
+    skipped frame starts at its previous neighbour's pose."""
+    skipped = set(int(t) for t in skip)
+    keep = [t for t in range(len(frames)) if t not in skipped]
+    if len(keep) < 2:
+        keep, skipped = list(range(len(frames))), set()
+    chain, sub_report = _linked_start(frames[keep] if skipped else frames, seed, min_correlation)
+    report = {key: [keep[i] for i in sub_report[key]] for key in ("features", "phase", "failed")}
+    report["matches"] = {keep[i]: m for i, m in sub_report["matches"].items() if keep[i] - keep[i - 1] == 1}
+    if chain is None:
+        return None, report
+    out = np.empty((len(frames), 3, 3))
+    out[keep] = chain
+    for t in sorted(skipped):
+        before = [k for k in keep if k < t]
+        out[t] = out[before[-1] if before else keep[0]]
+    return out, report
+
+
+def _linked_start(frames: np.ndarray, seed: int, min_correlation: float) -> tuple[np.ndarray | None, dict]:
+    """``robust_start`` over consecutive frames (indices in ``frames``)."""
     found = feature_homographies(frames, seed=seed, links=True)
     report = {"features": [], "phase": [], "failed": [],
               "matches": {t: (m[1], m[2]) for t, m in enumerate(found, start=1) if m is not None}}
