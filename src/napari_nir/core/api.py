@@ -142,15 +142,15 @@ class FusionJob:
         self.config.validate()
         # the memory check, from the shape and dtype alone: before the input is read or copied
         shape = _checked_shape(stack)
-        if shape is not None:  # memory_estimate: bytes the fit adds at its peak (core/memory.py)
-            self.memory_estimate = check_fit_memory(working_shape(shape, self.config.runtime.working_size),
-                                                    self.config, self.device, input_shape=shape,
-                                                    load_bytes=_load_bytes(stack, shape))
-        self.burst = prepare_burst(stack)
-        if shape is None:  # a list or other array-like: known once read
-            shape = self.burst.data.shape
-            self.memory_estimate = check_fit_memory(working_shape(shape, self.config.runtime.working_size),
-                                                    self.config, self.device, input_shape=shape)
+        prepared = None
+        if shape is None:  # a list or other array-like: its shape is known once read
+            prepared = prepare_burst(stack)
+            shape = prepared.data.shape
+        # memory_estimate: bytes the fit adds at its peak (core/memory.py)
+        self.memory_estimate = check_fit_memory(
+            working_shape(shape, self.config.runtime.working_size), self.config, self.device, input_shape=shape,
+            load_bytes=0 if prepared is not None else _load_bytes(stack, shape))
+        self.burst = prepared if prepared is not None else prepare_burst(stack)
         self.initial_transforms = None
         if initial is not None:
             if not MOTIONS[motion].feature_start(self.config):
@@ -183,10 +183,13 @@ class FusionJob:
         else:
             self.config = self.config.replace(threads=previous_threads)  # recorded: results depend on it
         try:
+            self.unusable = unusable_frames(reduce_frames(frames)[0])
+            blank = [t for t, kind in self.unusable.items() if kind == "blank"]
             with cpu_fit_settings(self.device):
-                self.model = build_model(frames, self.config, self.device, start=self._normalised_start())
+                self.model = build_model(frames, self.config, self.device, start=self._normalised_start(),
+                                         skip=blank)
                 for event in fit_steps(self.model, frames, self.config, self.device, start=start,
-                                       preview=self._preview, frame_weights=self._frame_weights(frames)):
+                                       preview=self._preview, frame_weights=self._frame_weights(len(frames), blank)):
                     self.history.append({"step": event.step, "seconds": round(event.seconds, 4), "loss": event.loss,
                                          "psnr": event.psnr})
                     self._seconds = time.perf_counter() - start
@@ -214,18 +217,16 @@ class FusionJob:
                                f"{self.config.runtime.working_size or 'no limit'}), "
                                f"fewer frames, or device='cpu'") from None
 
-    def _frame_weights(self, frames: np.ndarray) -> np.ndarray | None:
-        """(T,) sampling weights: ``blank_weight`` for frames found blank (no contrast: nothing to align, and a
-        blank frame drew other frames off by pixels, benchmarks/DECISIONS.md "blank and saturated frames"), 1 for
+    def _frame_weights(self, count: int, blank: list[int]) -> np.ndarray | None:
+        """(count,) sampling weights: ``blank_weight`` for the ``blank`` frames (no contrast: nothing to align, and
+        a blank frame drew other frames off by pixels, benchmarks/DECISIONS.md "blank and saturated frames"), 1 for
         the others; None when no frame is blank (uniform draws, as always). Saturated frames are only named: drawn
         less often they aligned worse themselves and the others no better."""
-        self.unusable = unusable_frames(reduce_frames(frames)[0])
-        blank = [t for t, kind in self.unusable.items() if kind == "blank"]
         weight = self.config.optimiser.blank_weight
-        if not blank or weight == 1.0 or len(blank) == len(frames):
+        if not blank or weight == 1.0 or len(blank) == count:
             return None
         self.down_weighted = {t: "blank" for t in blank}
-        weights = np.ones(len(frames))
+        weights = np.ones(count)
         weights[blank] = weight
         return weights
 

@@ -19,7 +19,6 @@ from torch import nn
 
 from . import fields
 from .config import FitConfig
-from .diagnostics import reduce_frames, unusable_frames
 from .geometry import Normaliser, frame_bounds
 from .models import MOVING_MARGIN, FusionModel, SeparationModel, interference_density, interference_init
 from .motion import centre_gauge, phase_translations, robust_start
@@ -32,9 +31,11 @@ __all__ = ["build_model", "make_model", "initial_homographies", "SEED_LOCK"]
 SEED_LOCK = threading.Lock()  # serialises only the seeded draws of model construction (module docstring)
 
 
-def initial_homographies(frames: np.ndarray, config: FitConfig, norm: Normaliser) -> tuple[np.ndarray | None, dict]:
+def initial_homographies(frames: np.ndarray, config: FitConfig, norm: Normaliser,
+                         skip=()) -> tuple[np.ndarray | None, dict]:
     """(T, 3, 3) normalised frame -> canonical start homographies (gauge-centred), or None for identity; and the
-    feature matches the start rests on ({t: (frame-t points, frame-(t-1) points)}, working pixels; {} without)."""
+    feature matches the start rests on ({t: (frame-t points, frame-(t-1) points)}, working pixels; {} without).
+    skip: blank frames, which the feature start's chain links across (``motion.robust_start``)."""
     m = config.motion
     if m.init == "identity":
         return None, {}
@@ -42,7 +43,7 @@ def initial_homographies(frames: np.ndarray, config: FitConfig, norm: Normaliser
     if get_motion(m.model).start == "phase":
         pixel = phase_translations(frames)
     else:
-        pixel, matches = _feature_start(frames, config)
+        pixel, matches = _feature_start(frames, config, skip)
     if pixel is None:
         return None, matches
     n = norm.matrix
@@ -50,7 +51,7 @@ def initial_homographies(frames: np.ndarray, config: FitConfig, norm: Normaliser
     return centre_gauge(normalised), matches
 
 
-def _feature_start(frames: np.ndarray, config: FitConfig) -> tuple[np.ndarray | None, dict]:
+def _feature_start(frames: np.ndarray, config: FitConfig, skip=()) -> tuple[np.ndarray | None, dict]:
     """(T, 3, 3) pixel homographies frame t -> frame 0 from feature matches (None: identity start), and the
     matches (``motion.robust_start``'s report)."""
     m = config.motion
@@ -59,9 +60,7 @@ def _feature_start(frames: np.ndarray, config: FitConfig) -> tuple[np.ndarray | 
         # follow instead of the scene; a median filter wider than they are removes them first
         k = m.feature_prefilter
         frames = median_filter(frames, size=(1, k, k, 1)[:frames.ndim])
-    # blank frames (no contrast) have nothing to match: the chain links across them
-    blank = [t for t, kind in unusable_frames(reduce_frames(frames)[0]).items() if kind == "blank"]
-    pixel, report = robust_start(frames, seed=config.seed, skip=blank)
+    pixel, report = robust_start(frames, seed=config.seed, skip=skip)
     if pixel is None:
         if m.init == "features":
             raise ValueError("feature-based initialisation failed: too few keypoint matches between consecutive "
@@ -70,13 +69,13 @@ def _feature_start(frames: np.ndarray, config: FitConfig) -> tuple[np.ndarray | 
 
 
 def build_model(frames: np.ndarray, config: FitConfig, device: torch.device,
-                start: np.ndarray | None = None) -> nn.Module:
+                start: np.ndarray | None = None, skip=()) -> nn.Module:
     """The networks for (T, h, w, C) working frames, seeded by the config's seed.
 
     start: (T, 3, 3) normalised frame -> reference homographies given by the caller (gauge-centred here); else
     the motion starts from features (when the motion model takes a homography start, ``init`` allows and
     matching succeeds) or the identity; the field's domain covers every frame's start outline plus room for the
-    motion still to be learned.
+    motion still to be learned. skip: blank frames, which the feature start's chain links across.
     """
     t, h, w, c = frames.shape
     norm = Normaliser(h, w)
@@ -84,7 +83,7 @@ def build_model(frames: np.ndarray, config: FitConfig, device: torch.device,
     if start is not None:
         init = centre_gauge(np.asarray(start, dtype=np.float64))
     elif get_motion(config.motion.model).feature_start(config):
-        init, matches = initial_homographies(frames, config, norm)
+        init, matches = initial_homographies(frames, config, norm, skip)
     else:
         init = None
     start = init if init is not None else np.repeat(np.eye(3)[None], t, 0)

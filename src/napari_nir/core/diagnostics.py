@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.ndimage import map_coordinates
 
-__all__ = ["Diagnostics", "alignment_diagnostics", "unusable_frames", "DIAGNOSTIC_SIDE"]
+__all__ = ["Diagnostics", "alignment_diagnostics", "unusable_frames", "reduce_frames", "correlation",
+           "match_residuals", "DIAGNOSTIC_SIDE"]
 
 DIAGNOSTIC_SIDE = 256       # frames are reduced (block means) to at most this many pixels per side
 PAIR_SHIFT_PX = 2.0         # remaining shift between aligned neighbours, input pixels
@@ -74,6 +75,13 @@ def reduce_frames(frames: np.ndarray, side: int = DIAGNOSTIC_SIDE) -> tuple[np.n
     return grey[:, :h // k * k, :w // k * k].reshape(t, h // k, k, w // k, k).mean((2, 4)), k
 
 
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Zero-mean normalised cross-correlation of two equally shaped arrays (0 when either is constant)."""
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum()) / denom if denom > 0 else 0.0
+
+
 def unusable_frames(frames: np.ndarray) -> dict[int, str]:
     """{frame: "blank" | "saturated"} for (T, h, w) grey frames in working units (the burst's range is [0, 1])."""
     std = frames.std(axis=(1, 2))
@@ -110,10 +118,7 @@ def _pair(first: np.ndarray, second: np.ndarray, pair_map: np.ndarray, k: int) -
     out = {"overlap": round(overlap, 4), "shift_px": None, "correlation": None}
     if mask.sum() < 64:
         return out
-    a, b = first[mask], warped[mask]
-    a, b = a - a.mean(), b - b.mean()
-    denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    out["correlation"] = round(float((a * b).sum()) / denom, 4) if denom > 0 else 0.0
+    out["correlation"] = round(correlation(first[mask], warped[mask]), 4)
     if overlap >= MIN_OVERLAP:
         shift = phase_cross_correlation(first, warped, reference_mask=mask, moving_mask=mask,
                                         overlap_ratio=0.3)

@@ -14,12 +14,11 @@ Homographies:
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import nn
 
+from .diagnostics import correlation, reduce_frames
 from .fields import Siren, coarse_to_fine, pyramid_shapes, sample_levels
 from .geometry import apply_homography, time_coordinate
 
@@ -206,13 +205,6 @@ def _chain(links: list[np.ndarray]) -> np.ndarray:
     return out / out[:, 2:3, 2:3]
 
 
-def _reduce(grey: np.ndarray, max_side: int) -> tuple[np.ndarray, int]:
-    """(T, H, W) -> block means with the longer side at most ``max_side``, and the block size k."""
-    h, w = grey.shape[1:3]
-    k = max(1, int(math.ceil(max(h, w) / max_side)))
-    return grey[:, :h // k * k, :w // k * k].reshape(len(grey), h // k, k, w // k, k).mean((2, 4)), k
-
-
 def shift_agreement(previous: np.ndarray, current: np.ndarray, shift) -> tuple[float, float]:
     """(correlation, overlap) of frame ``current`` moved by ``shift`` = (d_col, d_row) onto ``previous`` (current
     pixel + shift -> previous pixel, rounded to whole pixels): zero-mean normalised correlation over the pixels
@@ -227,9 +219,7 @@ def shift_agreement(previous: np.ndarray, current: np.ndarray, shift) -> tuple[f
     b = previous[rows.start + dy:rows.stop + dy, cols.start + dx:cols.stop + dx]
     if a.size < 64:
         return -1.0, a.size / (h * w)
-    a, b = a - a.mean(), b - b.mean()
-    denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    return (float((a * b).sum()) / denom if denom > 0 else 0.0), a.size / (h * w)
+    return correlation(a, b), a.size / (h * w)
 
 
 def _translation_link(previous: np.ndarray, current: np.ndarray, tapered: tuple[np.ndarray, np.ndarray]):
@@ -273,8 +263,7 @@ def _phase_links(frames: np.ndarray, max_side: int = 256) -> list[tuple[np.ndarr
     """(T-1) (translation frame t -> frame t-1 in input pixels (3x3), correlation) by phase correlation."""
     from scipy.signal.windows import tukey
 
-    grey = frames.mean(-1) if frames.ndim == 4 else frames
-    small, k = _reduce(grey, max_side)
+    small, k = reduce_frames(frames, max_side)
     window = np.outer(tukey(small.shape[1], 0.3), tukey(small.shape[2], 0.3))
     tapered = (small - small.mean((1, 2), keepdims=True)) * window
     out = []

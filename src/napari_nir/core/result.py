@@ -308,20 +308,20 @@ class FusionResult:
         xy = np.stack([(cols.ravel() - n.cx) / n.s, (rows.ravel() - n.cy) / n.s], 1).astype(np.float32)
         rendered = np.stack([render.render_points(self._model, t, xy, self.config.value_range, self._device)
                              .mean(-1).reshape(h, w) for t in range(b.T)])
-        pair_maps = None
+        pair_maps = matched = None
         if not self.is_flow and not self.config.task:  # separation: the frames hold the interference too
+            to_view = self.homographies  # frame_to_frame(t, t + 1) for every t, from one computation of these
+            input_maps = np.stack([np.linalg.inv(to_view[t + 1]) @ to_view[t] for t in range(b.T - 1)])
+            input_maps /= input_maps[:, 2:3, 2:3]
             reduced = np.array([[k, 0, (k - 1) / 2], [0, k, (k - 1) / 2], [0, 0, 1.0]])
-            pair_maps = np.stack([np.linalg.inv(reduced) @ self.frame_to_frame(t, t + 1) @ reduced
-                                  for t in range(b.T - 1)])
-        matched = None
-        matches = getattr(self._model, "start_matches", None)
-        if pair_maps is not None and matches:
-            n = self._model.normaliser  # the start matched the working frames: their pixels -> input pixels
-            factor = np.array([b.W / n.width, b.H / n.height])
-            to_input = {t: ((src + 0.5) * factor - 0.5, (dst + 0.5) * factor - 0.5)
-                        for t, (src, dst) in matches.items()}
-            input_maps = np.stack([self.frame_to_frame(t, t + 1) for t in range(b.T - 1)])
-            matched = diagnostics_module.match_residuals(input_maps, to_input)
+            pair_maps = np.linalg.inv(reduced) @ input_maps @ reduced
+            matches = getattr(self._model, "start_matches", None)
+            if matches:
+                n = self._model.normaliser  # the start matched the working frames: their pixels -> input pixels
+                factor = np.array([b.W / n.width, b.H / n.height])
+                to_input = {t: ((src + 0.5) * factor - 0.5, (dst + 0.5) * factor - 0.5)
+                            for t, (src, dst) in matches.items()}
+                matched = diagnostics_module.match_residuals(input_maps, to_input)
         self._diagnostics = diagnostics_module.alignment_diagnostics(frames, rendered, pair_maps, k,
                                                                      down_weighted=self.down_weighted, matched=matched)
         return self._diagnostics
