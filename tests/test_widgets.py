@@ -35,9 +35,13 @@ def frames():
 @pytest.fixture
 def notes(monkeypatch):
     """Notifications shown by the widget module, by kind."""
+    from napari_nir import _runner
+
     seen = {"error": [], "warning": [], "info": []}
     for kind in seen:
-        monkeypatch.setattr(_widgets, f"show_{kind}", lambda message, kind=kind: seen[kind].append(str(message)))
+        for module in (_widgets, _runner):
+            if hasattr(module, f"show_{kind}"):
+                monkeypatch.setattr(module, f"show_{kind}", lambda message, kind=kind: seen[kind].append(str(message)))
     return seen
 
 
@@ -496,7 +500,7 @@ def test_advanced_options_are_generated_from_the_config(make_napari_viewer, qtbo
     with qtbot.waitSignal(separate.finished, timeout=TIMEOUT_MS) as done:
         assert separate.run() is not None
         config = separate._job.config
-        description = separate.worker.pbar.desc  # the activity dock's progress bar
+        description = separate.current_run.progress_bar.desc  # the activity dock's progress bar
         running = [w.enabled for w in (separate.layer, separate.task, separate.motion, separate.seed,
                                        separate.advanced_toggle, separate.advanced)]
     assert done.args == ["done"], notes["error"]
@@ -506,7 +510,7 @@ def test_advanced_options_are_generated_from_the_config(make_napari_viewer, qtbo
     assert description.startswith("Separating burst"), description
     assert not any(running)  # every control was disabled while it ran ...
     assert separate.advanced.enabled and separate.task.enabled and separate.advanced_toggle.enabled  # ... not now
-    assert any(m.startswith("Separated 'burst'") for m in notes["info"]), notes["info"]
+    assert any(m.startswith("Separate layers: Separated 'burst'") for m in notes["info"]), notes["info"]
     assert not notes["error"]
 
 
@@ -533,11 +537,19 @@ def test_status_shows_the_stage(make_napari_viewer):
     def event(step, stage="fit"):  # a ProgressEvent's fields
         return SimpleNamespace(step=step, total=10, loss=0.1, psnr=20.0, seconds=1.0, preview=None, stage=stage)
 
-    widget = FuseWidget(make_napari_viewer())
-    widget._on_yielded(event(3, "scene warm-up"))
+    from napari_nir._runner import ViewerRun
+    from napari_nir._widgets import FUSE_SPEC
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(np.random.default_rng(0).random((3, 16, 16)).astype(np.float32), name="burst")
+    widget = FuseWidget(viewer)
+    widget.steps.value = 10
+    job = widget._make_job(layer.data)
+    run = ViewerRun(viewer, FUSE_SPEC, layer, job, frame_scale=(1, 1, 1), frame_shift=(0, 0, 0),
+                    status=widget._show_status)  # not started: its handlers are called by hand
+    run._on_yielded(event(3, "scene warm-up"))
     assert widget.status.value.startswith("scene warm-up: step 3/10")
-    widget._last_status = -np.inf
-    widget._on_yielded(event(4))  # the plain fit: no stage shown
+    run._on_yielded(event(4))  # the plain fit: no stage shown
     assert widget.status.value.startswith("step 4/10")
 
 

@@ -15,7 +15,7 @@ from ._version import __version__
 # takes no torch: a Ctrl-C while torch loads then reaches napari_nir.cli.main, which exits 130 without a traceback.
 _LAZY = {"FusionJob": "core.api", "SeparationJob": "core.api", "fuse": "core.api", "separate": "core.api",
          "convert_transforms": "core.registration", "FusionResult": "core.result", "SeparationResult": "core.result",
-         "load": "core.result", "TASKS": "core.tasks", "ProgressEvent": "core.train"}
+         "load": "core.result", "TASKS": "core.tasks", "ProgressEvent": "core.train", "Stopped": "core.stages"}
 
 
 def __getattr__(name: str):
@@ -36,5 +36,13 @@ def add_result_to_viewer(viewer, fit, source_name: str = "burst", **kwargs):
 
     return add(viewer, fit, source_name, **kwargs)
 
+def run_in_viewer(viewer, layer, task: str = "fuse", **options):
+    """Fit a layer in napari without blocking it; returns the run (cancel(), outcome, result). See
+    ``napari_nir._widgets.run_in_viewer``."""
+    from ._widgets import run_in_viewer as run
+
+    return run(viewer, layer, task, **options)
+
+
 __all__ = ["__version__", "fuse", "separate", "FusionJob", "SeparationJob", "SeparationResult", "TASKS", "load",
-           "FusionResult", "ProgressEvent", "add_result_to_viewer", "convert_transforms"]
+           "FusionResult", "ProgressEvent", "Stopped", "add_result_to_viewer", "convert_transforms", "run_in_viewer"]

@@ -35,6 +35,9 @@ __all__ = ["OWNER_KEY", "META_KEY", "FUSION_ROLES", "fusion_layer_data", "separa
 
 META_KEY = "napari_nir"
 OWNER_KEY = "napari_nir_owner"
+# the plugin's samples mark their layers: {"role": "burst" | "ground truth", "task": the separation task or None};
+# the widgets never preselect ground truth and start the task menu on the sample's task
+SAMPLE_KEY = "napari_nir_sample"
 
 
 def _layer_roles() -> tuple[str, ...]:
@@ -95,7 +98,8 @@ class _Placement:
 
 
 def result_layer_data(fit: FusionResult, source_name: str = "burst", *, scale: Sequence[float] | None = None,
-                      translate: Sequence[float] | None = None, rgb: bool | None = None) -> list[LayerDataTuple]:
+                      translate: Sequence[float] | None = None, rgb: bool | None = None,
+                      should_stop=None) -> list[LayerDataTuple] | None:
     """A result as napari LayerDataTuples ``(data, kwargs, layer_type)``: one per entry of
     ``fit.artefacts("union", 1.0)`` that has a napari layer type, in that order, named "<source> <role>".
 
@@ -113,7 +117,10 @@ def result_layer_data(fit: FusionResult, source_name: str = "burst", *, scale: S
     on the canonical view, one colour per frame (cycling), labelled with the frame index, transparent faces.
     Vectors (flow): arrows (t, row, col) on the frames' grid. Each layer's ``metadata["napari_nir"]`` is the
     fit's provenance with ``"output": {"role": ..., "convention": ..., <view>}``.
+    should_stop(): asked before each output is rendered (a GUI's cancel); None is returned when it says so.
     """
+    from napari_nir import Stopped
+
     channels = fit.channels if fit.input_layout == "THWC" else 0
     if rgb is None:
         rgb = channels in (3, 4)
@@ -123,7 +130,10 @@ def result_layer_data(fit: FusionResult, source_name: str = "burst", *, scale: S
     t_shift, yx_shift = _spatial_and_time(translate, 0.0)
     place = _Placement(t_scale, yx_scale, t_shift, yx_shift, bool(rgb))
     provenance = fit.provenance()
-    artefacts = [a for a in fit.artefacts("union", 1.0) if a.layer]
+    try:
+        artefacts = [a for a in fit.artefacts("union", 1.0, should_stop=should_stop) if a.layer]
+    except Stopped:
+        return None
     canonical = next((a for a in artefacts if a.role == "canonical"), None)
     view_size = max(np.shape(canonical.data)[:2]) if canonical is not None else None
     out: list[LayerDataTuple] = []
@@ -139,20 +149,22 @@ def result_layer_data(fit: FusionResult, source_name: str = "burst", *, scale: S
 
 
 def fusion_layer_data(fit: FusionResult, source_name: str = "burst", *, scale: Sequence[float] | None = None,
-                      translate: Sequence[float] | None = None, rgb: bool | None = None) -> list[LayerDataTuple]:
+                      translate: Sequence[float] | None = None, rgb: bool | None = None,
+                      should_stop=None) -> list[LayerDataTuple] | None:
     """A fusion result as LayerDataTuples: "<source> canonical", "<source> frames" and the alignment
     ("<source> outlines" for a homography; "<source> flow vectors", "<source> flow magnitude" [, "<source>
     occlusion w"] for the flow models). The same as ``result_layer_data`` (see there)."""
-    return result_layer_data(fit, source_name, scale=scale, translate=translate, rgb=rgb)
+    return result_layer_data(fit, source_name, scale=scale, translate=translate, rgb=rgb, should_stop=should_stop)
 
 
 def separation_layer_data(sep, source_name: str = "burst", *, scale: Sequence[float] | None = None,
-                          translate: Sequence[float] | None = None, rgb: bool | None = None) -> list[LayerDataTuple]:
+                          translate: Sequence[float] | None = None, rgb: bool | None = None,
+                          should_stop=None) -> list[LayerDataTuple] | None:
     """A SeparationResult as LayerDataTuples: "<source> scene", "<source> interference" [, "<source> alpha"]
     (T, H, W[, C]) per frame, "<source> interference canonical" where the interference has a rigid layer, plus
     the scene's fusion layers (canonical, frames, alignment; hidden but the canonical). The same as
     ``result_layer_data`` (see there)."""
-    return result_layer_data(sep, source_name, scale=scale, translate=translate, rgb=rgb)
+    return result_layer_data(sep, source_name, scale=scale, translate=translate, rgb=rgb, should_stop=should_stop)
 
 
 def _image(artefact, place: _Placement, view_size) -> tuple[Any, dict]:
@@ -319,12 +331,17 @@ def add_fusion_layer_data(viewer: napari.Viewer, source_name: str, layer_data: S
     """``add_layer_data`` for the output of ``result_layer_data`` (``fusion_layer_data``), first removing our
     layers of this source (roles in ``FUSION_ROLES``) that the new result does not have (outlines after a flow
     fit). Returns the layers."""
+    remove_stale_layers(viewer, source_name, layer_data)
+    return add_layer_data(viewer, layer_data)
+
+
+def remove_stale_layers(viewer: napari.Viewer, source_name: str, layer_data: Sequence[LayerDataTuple]) -> None:
+    """Remove our layers of this source whose roles (``FUSION_ROLES``) the new ``layer_data`` has not got."""
     made = {kwargs["metadata"][OWNER_KEY]["role"] for _, kwargs, _ in layer_data}
     for role in _layer_roles():  # read at each call: the table is the truth, not a copy made at import
         if role not in made:
             for layer in owned_layers(viewer, source_name, role):
                 viewer.layers.remove(layer)
-    return add_layer_data(viewer, layer_data)
 
 
 def preview_image(preview: np.ndarray) -> tuple[np.ndarray, bool]:

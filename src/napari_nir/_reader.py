@@ -1,45 +1,47 @@
-"""napari reader: a folder of frames (PNG/JPEG/TIFF) or a napari-nir TIFF opens as one burst layer.
+"""napari reader: napari-nir's own TIFFs (``*.nir.tif``), opened with their provenance.
 
-Thin: all reading is ``napari_nir.io.read_burst`` / ``read_tiff``.
+It claims nothing napari's own reader claims on its own, so that no "Choose reader" dialog stands between a user
+and a PNG, a CSV, a plain TIFF or a folder: napari reads those itself (a multi-page TIFF or a folder of frames as
+one stack, a colour TIFF as colour). Files named ``*.nir.tif`` (what the writer suggests for a result layer) are
+read here, keeping ``metadata["napari_nir"]`` (the provenance); napari's reader also matches them (``*.tif``), so
+napari asks once which to use and can remember the choice. From Python, ``napari_nir.io.read_tiff`` and
+``read_burst`` read any TIFF or folder with its provenance.
+
+Thin: all reading is ``napari_nir.io.read_tiff``.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-FRAME_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+OWN_SUFFIXES = (".nir.tif", ".nir.tiff")
 
 
 def get_reader(path):
-    """npe2 reader contribution: a callable for a folder holding image frames or a single TIFF, else None."""
+    """npe2 reader contribution: a callable for one ``*.nir.tif`` / ``*.nir.tiff`` file, else None."""
     if isinstance(path, list):
         if len(path) != 1:
             return None
         path = path[0]
     p = Path(os.fspath(path))
-    if p.is_dir():
-        if not any(f.suffix.lower() in FRAME_SUFFIXES for f in p.iterdir() if not f.name.startswith(".")):
-            return None
-        return read_layers
-    if p.suffix.lower() in {".tif", ".tiff"}:
+    if p.is_file() and p.name.lower().endswith(OWN_SUFFIXES):
         return read_layers
     return None
 
 
 def read_layers(path):
-    """[(data, kwargs, "image")]: the burst (T, H, W[, C]); metadata["napari_nir"] holds a TIFF's provenance."""
-    from .io import read_burst, read_tiff
+    """[(data, kwargs, "image")]: the array as stored, colour when its last axis has 3 or 4 samples (an RGB(A)
+    image or a stack of them, as napari reads colour); metadata["napari_nir"] holds the file's provenance."""
+    from .io import read_tiff
 
     if isinstance(path, list):
         path = path[0]
     p = Path(os.fspath(path))
-    metadata = {}
-    if p.is_dir():
-        data = read_burst(p)
-    else:
-        data, metadata = read_tiff(p)
-    rgb = data.ndim == 4 and data.shape[-1] in (3, 4)
-    kwargs = {"name": p.stem if p.is_file() else p.name, "rgb": rgb}
+    data, metadata = read_tiff(p)
+    rgb = data.ndim in (3, 4) and data.shape[-1] in (3, 4)
+    name = p.name[: -len(next(s for s in OWN_SUFFIXES if p.name.lower().endswith(s)))] \
+        if p.name.lower().endswith(OWN_SUFFIXES) else p.stem
+    kwargs = {"name": name, "rgb": rgb}
     if metadata:
         kwargs["metadata"] = {"napari_nir": metadata}
     return [(data, kwargs, "image")]

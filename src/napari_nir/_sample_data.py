@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._layers import SAMPLE_KEY
+
 SOURCE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera", "brick", "cell")
 
 
@@ -476,6 +478,16 @@ def separation_burst(task: str, n_frames: int = 5, shape: tuple[int, int] = (256
                        world=render_view(source, np.eye(3), shape), name=f"{image} {task} burst", extra=extra)
 
 
+def _burst_marker(task: str | None = None, **metadata) -> dict:
+    """A sample burst layer's metadata: the sample marker (``_layers.SAMPLE_KEY``) and ``metadata``."""
+    return {SAMPLE_KEY: {"role": "burst", "task": task}, **metadata}
+
+
+def _truth(name: str, **kwargs) -> dict:
+    """A ground-truth layer's kwargs: hidden, and marked so that the widgets never preselect it as the burst."""
+    return {"name": name, "visible": False, "metadata": {SAMPLE_KEY: {"role": "ground truth"}}, **kwargs}
+
+
 def make_homography_sample():
     """napari File > Open Sample: a 9-frame RGB astronaut burst (T, 256, 256, 3) float32 in [0, 1] and its world view.
 
@@ -488,11 +500,11 @@ def make_homography_sample():
             {
                 "name": "astronaut burst",
                 "rgb": True,
-                "metadata": {"napari_nir": {"ground_truth_homographies": sample.homographies.tolist()}},
+                "metadata": _burst_marker(napari_nir={"ground_truth_homographies": sample.homographies.tolist()}),
             },
             "image",
         ),
-        (sample.world, {"name": "astronaut ground truth", "visible": False, "rgb": True}, "image"),
+        (sample.world, _truth("astronaut ground truth", rgb=True), "image"),
     ]
 
 
@@ -502,9 +514,10 @@ def make_drift_sample():
     sample = drift_burst()
     return [
         (sample.frames, {"name": "drift burst",
-                         "metadata": {"napari_nir": {"ground_truth_homographies": sample.homographies.tolist()}}},
+                         "metadata": _burst_marker(napari_nir={"ground_truth_homographies":
+                                                               sample.homographies.tolist()})},
          "image"),
-        (sample.world, {"name": "drift ground truth", "visible": False}, "image"),
+        (sample.world, _truth("drift ground truth"), "image"),
     ]
 
 
@@ -515,8 +528,9 @@ def make_microscopy_drift_sample():
     sample = microscopy_drift_stack()
     return [
         (sample.frames, {"name": "microscopy drift stack", "axis_labels": ("t", "c", "y", "x"),
-                         "metadata": {"napari_nir": {"ground_truth_homographies": sample.homographies.tolist(),
-                                                     "axes": "TCYX"}}}, "image"),
+                         "metadata": _burst_marker(napari_nir={"ground_truth_homographies":
+                                                               sample.homographies.tolist(), "axes": "TCYX"})},
+         "image"),
     ]
 
 
@@ -524,9 +538,9 @@ def make_flow_sample():
     """napari sample: a 7-frame non-rigid burst (T, 256, 256, 3) and its true frame -> world displacement."""
     sample = flow_burst()
     return [
-        (sample.frames, {"name": "non-rigid burst", "rgb": True}, "image"),
-        (sample.extra["displacement"], {"name": "non-rigid ground truth displacement (d_row, d_col)",
-                                        "visible": False, "rgb": False, "channel_axis": 3}, "image"),
+        (sample.frames, {"name": "non-rigid burst", "rgb": True, "metadata": _burst_marker()}, "image"),
+        (sample.extra["displacement"],
+         _truth("non-rigid ground truth displacement (d_row, d_col)", rgb=False, channel_axis=3), "image"),
     ]
 
 
@@ -534,10 +548,9 @@ def make_occlusion_sample():
     """napari sample: a disk moving over a photograph (occlusion), with the true background and coverage."""
     sample = occlusion_burst()
     return [
-        (sample.frames, {"name": "occlusion burst", "rgb": True}, "image"),
-        (sample.extra["background"], {"name": "occlusion ground truth background", "visible": False, "rgb": True},
-         "image"),
-        (sample.extra["alpha"], {"name": "occlusion ground truth coverage", "visible": False}, "image"),
+        (sample.frames, {"name": "occlusion burst", "rgb": True, "metadata": _burst_marker()}, "image"),
+        (sample.extra["background"], _truth("occlusion ground truth background", rgb=True), "image"),
+        (sample.extra["alpha"], _truth("occlusion ground truth coverage"), "image"),
     ]
 
 
@@ -545,13 +558,12 @@ def _separation_sample(task: str):
     def make():
         sample = separation_burst(task)
         layers = [
-            (sample.frames, {"name": f"{task} burst", "rgb": True}, "image"),
-            (sample.clean, {"name": f"{task} ground truth scene", "visible": False, "rgb": True}, "image"),
-            (sample.extra["interference"], {"name": f"{task} ground truth interference", "visible": False,
-                                            "rgb": True}, "image"),
+            (sample.frames, {"name": f"{task} burst", "rgb": True, "metadata": _burst_marker(task)}, "image"),
+            (sample.clean, _truth(f"{task} ground truth scene", rgb=True), "image"),
+            (sample.extra["interference"], _truth(f"{task} ground truth interference", rgb=True), "image"),
         ]
         if "alpha" in sample.extra:
-            layers.append((sample.extra["alpha"], {"name": f"{task} ground truth alpha", "visible": False}, "image"))
+            layers.append((sample.extra["alpha"], _truth(f"{task} ground truth alpha"), "image"))
         return layers
 
     make.__name__ = f"make_{task}_sample"

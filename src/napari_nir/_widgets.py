@@ -21,9 +21,6 @@ with its description as tooltip); an empty field keeps the preset's value. Scrip
 """
 from __future__ import annotations
 
-import math
-import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,10 +28,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, Label, LineEdit, PushButton, SpinBox
 from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_error, show_warning
 from psygnal import Signal
+from qtpy.QtCore import QEvent, QObject
 
-from ._layers import OWNER_KEY, add_fusion_layer_data, fusion_layer_data, preview_image, separation_layer_data
+from ._layers import OWNER_KEY, SAMPLE_KEY, fusion_layer_data, separation_layer_data
+from ._runner import FITTED, ViewerRun
 from .core.config import PRESETS, parse_value
 from .core.config import options as config_options
 from .core.motions import MOTIONS
@@ -45,17 +44,10 @@ if TYPE_CHECKING:
     from magicgui.widgets.bases import ValueWidget
     from napari.layers import Layer
 
-__all__ = ["JobSpec", "JobWidget", "FuseWidget", "SeparateWidget", "ApplyWidget", "FUSE_SPEC", "SEPARATE_SPEC",
-           "FITTED", "burst_data", "layer_axes", "device_choices", "advanced_options"]
+__all__ = ["run_in_viewer", "default_burst", "is_burst_layer", "JobSpec", "JobWidget", "FuseWidget",
+           "SeparateWidget", "ApplyWidget", "FUSE_SPEC", "SEPARATE_SPEC", "FITTED", "burst_data", "layer_axes",
+           "device_choices", "advanced_options"]
 
-# the results fitted in this session by the job widgets, newest last: what "Apply alignment" offers. Each holds
-# its model and a float32 copy of its burst, so only the last FITTED_KEPT are kept
-FITTED: dict[str, Any] = {}
-FITTED_KEPT = 5
-
-PREVIEW_INTERVAL_S = 2.0  # the preview layer is refreshed at most this often (the first preview at once)
-STATUS_INTERVAL_S = 0.25  # the status line and progress-bar text
-_PREVIEW_MAX_SIDE = 192  # render.preview_canonical's default: longer side of a preview, in working pixels
 _ADVANCED_HEIGHT = 260  # pixels: the Advanced section scrolls inside this height
 
 ACCEPTED = "a stack of frames: T×H×W (grey) or T×H×W×3/4 shown as RGB"
@@ -217,6 +209,36 @@ def burst_data(layer: Layer, title: str | JobSpec = "Fuse burst"):
     raise ValueError(f"layer {name!r} has {nd} axes {shape}; {title} accepts {ACCEPTED}.")
 
 
+def is_ground_truth(layer) -> bool:
+    """A layer the plugin's samples mark as ground truth (``metadata[SAMPLE_KEY]["role"]``)."""
+    return (getattr(layer, "metadata", {}).get(SAMPLE_KEY) or {}).get("role") == "ground truth"
+
+
+def is_burst_layer(layer) -> bool:
+    """An image layer holding a stack of frames (T >= 2 before Y, X and an RGB axis) that is neither a result of
+    ours nor a sample's ground truth."""
+    from napari.layers import Image
+
+    if not isinstance(layer, Image) or layer.metadata.get(OWNER_KEY) or is_ground_truth(layer):
+        return False
+    shape = (layer.data[0] if layer.multiscale else layer.data).shape
+    return len(shape) - (1 if layer.rgb else 0) >= 3 and shape[0] >= 2
+
+
+def default_burst(viewer, choices: list):
+    """The burst menu's default among ``choices`` (layers): the selected layer when it is a burst, else the newest
+    burst (``is_burst_layer``; newest: last in the layer list), else the newest layer that is not ground truth,
+    else None. Never a sample's ground truth while anything else is there."""
+    active = viewer.layers.selection.active
+    if active in choices and is_burst_layer(active):
+        return active
+    for pool in ([layer for layer in choices if is_burst_layer(layer)],
+                 [layer for layer in choices if not is_ground_truth(layer)], choices):
+        if pool:
+            return pool[-1]
+    return None
+
+
 def device_choices() -> list[tuple[str, str]]:
     """(label, value) pairs: "auto", "cpu", every CUDA device torch sees ("cuda:N (name)"), and "mps"."""
     import torch
@@ -229,15 +251,6 @@ def device_choices() -> list[tuple[str, str]]:
     if mps is not None and mps.is_available():
         out.append(("mps", "mps"))
     return out
-
-
-def worker_threads() -> int:
-    """torch threads for a fit in a worker: all cores but one, so napari's GUI thread keeps a core."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 2
-    return max(1, cores - 1)
 
 
 def advanced_options(spec: JobSpec) -> dict:
@@ -261,35 +274,6 @@ def _advanced_control(opt) -> ValueWidget:
     widget = LineEdit(name=opt.flat, label=opt.flat, value="", tooltip=tooltip)
     widget.native.setPlaceholderText(PRESET_VALUE)
     return widget
-
-
-def _job_generator(job, cancelled, source_name: str, scale, translate, rgb: bool, threads: int,
-                   restore_threads: int, to_layers=fusion_layer_data):
-    """Runs in the worker thread: yields ProgressEvents; returns (fit, layer data) or None when cancelled.
-
-    The outputs are rendered here too (not in the GUI thread); only layer creation happens in the GUI.
-    """
-    import torch
-
-    torch.set_num_threads(threads)
-    try:
-        for event in job.run():  # noqa: UP028 - not yield from: the worker's send/close must not reach the job
-            yield event
-        if cancelled():
-            return None
-        fit = job.result()
-        return fit, to_layers(fit, source_name, scale=scale, translate=translate, rgb=rgb)
-    except RuntimeError as exc:
-        # superqt's GeneratorWorker takes a RuntimeError from the generator for "the worker was deleted" and
-        # ends silently (no errored, no finished: the run would never end in the GUI). torch reports CUDA
-        # failures (and FusionJob its out-of-memory advice) as RuntimeError, so hand it over as another type.
-        raise FitFailed(str(exc) or type(exc).__name__) from exc
-    finally:
-        torch.set_num_threads(restore_threads)
-
-
-class FitFailed(Exception):
-    """A RuntimeError raised inside a fit, re-raised as a type the thread worker reports (see above)."""
 
 
 # -- the widget -----------------------------------------------------------------------------------------
@@ -342,33 +326,51 @@ class JobWidget(Container):
         self.run_button.changed.connect(self._on_button)
 
         self.fit_options: dict[str, Any] = {}
-        self.worker = None
+        self.current_run: ViewerRun | None = None  # the run in progress, else the last one
         self.last_result = None
-        self._job = None
-        self._cancelled = False
-        self._outcome = ""
-        self._source = ""
-        self._preview_layer = None
-        self._preview_factor = 1.0
-        self._preview_place = ([1.0, 1.0], [0.0, 0.0])
-        self._last_preview = -math.inf
-        self._last_status = -math.inf
-
+        self._chosen = None  # the layer the user picked in the burst menu, kept while it exists
+        self._choosing = False
+        self.status.native.setWordWrap(True)  # the full text of every message, never cut
+        self.layer.changed.connect(self._on_layer_picked)
         events = self._viewer.layers.events
         for emitter in (events.inserted, events.removed, events.reordered):
-            emitter.connect(self.reset_choices)
-        self.reset_choices()
-        active = self._viewer.layers.selection.active
-        if active is not None and active in [value for _, value in self._layer_choices()]:
-            self.layer.value = active
-        self.native.destroyed.connect(self._on_destroyed)
+            emitter.connect(self._refresh_layers)
+        self._refresh_layers()
+        self._native_filter = _ParentWatcher(self._on_dock_closed)
+        self.native.installEventFilter(self._native_filter)
+        self.native.destroyed.connect(self._on_dock_closed)
 
-    # -- controls -----------------------------------------------------------------------------------
+    # -- the burst menu -----------------------------------------------------------------------------
     def _layer_choices(self, *_) -> list[tuple[str, Any]]:
         from napari.layers import Image
 
         return [(layer.name, layer) for layer in self._viewer.layers
                 if isinstance(layer, Image) and not layer.metadata.get(OWNER_KEY)]
+
+    def _refresh_layers(self, *_) -> None:
+        """Re-list the layers and pick the burst: the user's choice while it exists, else ``default_burst``."""
+        self._choosing = True
+        try:
+            self.reset_choices()
+            choices = [layer for _, layer in self._layer_choices()]
+            if self._chosen is not None and self._chosen in choices:
+                pick = self._chosen
+            else:
+                self._chosen = None
+                pick = default_burst(self._viewer, choices)
+            if pick is not None and self.layer.value is not pick:
+                self.layer.value = pick
+        finally:
+            self._choosing = False
+        self._on_burst_shown(self.layer.value)
+
+    def _on_layer_picked(self, layer) -> None:
+        if not self._choosing:
+            self._chosen = layer  # the user's (or a script's) choice
+            self._on_burst_shown(layer)
+
+    def _on_burst_shown(self, layer) -> None:
+        """A hook for the layer now in the burst menu (the separation widget picks the sample's task)."""
 
     def _controls(self) -> list:
         """Every control a run reads (disabled while it runs)."""
@@ -418,18 +420,34 @@ class JobWidget(Container):
         self.run_button.text = "Cancel" if running else "Run"
         self.run_button.enabled = True
 
+    @property
+    def worker(self):
+        """The thread worker of the run in progress; None when idle (also while nothing has run)."""
+        run = self.current_run
+        return run.worker if run is not None and run.running else None
+
+    @property
+    def _job(self):
+        run = self.current_run
+        return run.job if run is not None and run.running else None
+
+    def _refuse(self, text: str) -> None:
+        """A run that does not start: the full text in a notification and in the status line."""
+        show_error(text)
+        self.status.value = text
+
     # -- run / cancel -------------------------------------------------------------------------------
     def run(self):
         """Validate the inputs and start a fit in a thread worker. Returns the worker, or None (refused:
-        already running, or bad input; a notification says why)."""
+        already running, or bad input; a notification and the status line say why)."""
         title = self.spec.title
         if self.worker is not None:
             show_warning(f"{title}: a run is already in progress; press Cancel to stop it first.")
             return None
         layer = self.layer.value
         if layer is None or layer not in self._viewer.layers:
-            show_error(f"{title}: no image layer to {self.spec.action}. Open a burst as one image layer "
-                       f"({ACCEPTED}), e.g. File > Open Sample > napari-nir, and pick it under 'burst'.")
+            self._refuse(f"{title}: no image layer to {self.spec.action}. Open a burst as one image layer "
+                         f"({ACCEPTED}), e.g. File > Open Sample > napari-nir, and pick it under 'burst'.")
             return None
         try:
             axes = layer_axes(layer, getattr(getattr(self, "axes", None), "value", "auto"))
@@ -439,159 +457,60 @@ class JobWidget(Container):
                 data = layer.data[0] if layer.multiscale else layer.data
             job = self._make_job(data, axes)
         except (ValueError, TypeError) as exc:
-            show_error(f"{title}: {exc}")
+            self._refuse(f"{title}: {exc}")
             return None
 
-        import torch
-
-        self._job = job
-        self._cancelled = False
-        self._outcome = ""
-        self._source = layer.name
-        self._last_preview = self._last_status = -math.inf
         picks = [-3, -2, -1] if axes is None else [axes.index(a) for a in "TYX"]  # T, Y, X of the layer
-        frame_scale = [layer.scale[i] for i in picks]
-        frame_shift = [layer.translate[i] for i in picks]
-        longest = max(job.burst.H, job.burst.W)
-        working = job.config.get("working_size") or longest
-        self._preview_factor = longest / min(longest, working, _PREVIEW_MAX_SIDE)
-        self._preview_place = ([s * self._preview_factor for s in frame_scale[1:]], frame_shift[1:])
-        worker = create_worker(
-            _job_generator, job, lambda: self._cancelled, layer.name, frame_scale,
-            frame_shift, bool(layer.rgb), worker_threads(), torch.get_num_threads(),
-            self.spec.to_layers,
-            _progress={"total": job.config.steps, "desc": f"{self.spec.verb} {layer.name}"},
-            _ignore_errors=True,  # errors are shown with show_error by _on_errored, not re-raised
-        )
-        worker.yielded.connect(self._on_yielded)
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_errored)
-        worker.aborted.connect(self._on_aborted)
-        worker.finished.connect(self._on_finished)
-        self.worker = worker
+        run = ViewerRun(self._viewer, self.spec, layer, job, frame_scale=[layer.scale[i] for i in picks],
+                        frame_shift=[layer.translate[i] for i in picks], status=self._show_status)
+        run.finished.connect(self._on_run_finished)
+        self.current_run = run
         self._set_running(True)
-        self.status.value = f"starting: {job.config.steps} steps on {job.device}"
-        worker.start()
-        return worker
+        run.start()
+        return run.worker
 
     def cancel(self) -> None:
-        """Stop the run after the current step; no result layers are added. No-op when idle."""
-        if self.worker is None:
+        """Stop the run after the current step (or within a frame or pair of its start); no result layers are
+        added. No-op when idle."""
+        run = self.current_run
+        if run is None or not run.running:
             return
-        self._cancelled = True
-        if self._job is not None:
-            self._job.stop()
-        self.worker.quit()
         self.run_button.text = "Cancelling..."
         self.run_button.enabled = False
-        self.status.value = "cancelling..."
+        run.cancel()
 
-    # -- worker signals (GUI thread) ------------------------------------------------------------------
-    def _on_yielded(self, event) -> None:
-        if self._cancelled:
-            return
-        now = time.monotonic()
-        if now - self._last_status >= STATUS_INTERVAL_S or event.step == event.total:
-            self._last_status = now
-            prefix = "" if event.stage == "fit" else f"{event.stage}: "
-            self.status.value = (f"{prefix}step {event.step}/{event.total}  loss {event.loss:.4g}  "
-                                 f"PSNR {event.psnr:.2f} dB  {event.seconds:.0f} s")
-            pbar = getattr(self.worker, "pbar", None)
-            if pbar is not None:
-                pbar.set_description(f"{self.spec.verb} {self._source}: {prefix}loss {event.loss:.3g}, "
-                                     f"PSNR {event.psnr:.1f} dB")
-        if event.preview is not None and now - self._last_preview >= PREVIEW_INTERVAL_S:
-            self._last_preview = now
-            self._show_preview(event.preview)
+    def _show_status(self, text: str) -> None:
+        self.status.value = text
 
-    def _show_preview(self, preview: np.ndarray) -> None:
-        image, rgb = preview_image(preview)
-        layer = self._preview_layer
-        if layer is not None and layer in self._viewer.layers and layer.rgb == rgb:
-            layer.data = image
-            return
-        if layer is not None and layer in self._viewer.layers:
-            self._viewer.layers.remove(layer)
-        scale, translate = self._preview_place
-        self._preview_layer = self._viewer.add_image(
-            image, name=f"{self._source} preview", rgb=rgb, contrast_limits=(0.0, 1.0), scale=scale,
-            translate=translate, metadata={OWNER_KEY: {"source": self._source, "role": "preview"}})
-
-    def _on_returned(self, value) -> None:
-        if self._cancelled or value is None:
-            return
-        fit, layer_data = value
+    def _on_run_finished(self, outcome: str) -> None:
+        run = self.current_run
+        if outcome == "done" and run is not None:
+            self.last_result = run.result
         try:
-            self._remove_preview()
-            add_fusion_layer_data(self._viewer, self._source, layer_data)
-        except Exception as exc:  # noqa: BLE001 - shown to the user, never only in the terminal
-            self._outcome = "error"
-            show_error(f"{self.spec.title}: the fit finished but its layers could not be added "
-                       f"({type(exc).__name__}: {exc})")
-            return
-        self.last_result = fit
-        FITTED[f"{self._source} ({fit.motion}, {time.strftime('%H:%M:%S')})"] = fit
-        while len(FITTED) > FITTED_KEPT:
-            FITTED.pop(next(iter(FITTED)))
-        self._outcome = "done"
-        psnr = "?" if fit.final_psnr is None else f"{fit.final_psnr:.2f} dB"
-        seconds = 0.0 if fit.seconds is None else fit.seconds
-        task = fit.config.get("task") or ""
-        what = f"{task}, {fit.motion}" if task else f"{fit.motion}"
-        done = (f"{self.spec.past} {self._source!r}: PSNR {psnr} in {seconds:.1f} s "
-                f"({fit.history[-1]['step'] if fit.history else 0} steps, {what}, {fit.config.get('device')}).")
-        found = fit.diagnostics()  # computed in the worker with the residual layer
-        if found.verdict == "good":
-            show_info(done + " Verdict: good.")
-        else:  # never a quietly damaged result: say what does not hold, and where to look
-            show_warning(done + f" Verdict: {found.verdict}: " + " ".join(found.reasons[:3])
-                         + (f" (+{len(found.reasons) - 3} more)" if len(found.reasons) > 3 else "")
-                         + f" See the layer {self._source + ' residual'!r}.")
-
-    def _on_errored(self, exc: BaseException) -> None:
-        self._outcome = "error"
-        if isinstance(exc, (ValueError, TypeError, RuntimeError, FitFailed)):
-            message = str(exc)
-        else:
-            message = f"{type(exc).__name__}: {exc}"
-        show_error(f"{self.spec.title} failed: {message}")
-
-    def _on_aborted(self) -> None:
-        self._cancelled = True  # also when quit came from napari's activity dock / status bar
-
-    def _on_finished(self) -> None:
-        if self._cancelled:
-            self._outcome = "cancelled"
-        outcome = self._outcome or "cancelled"
-        self.worker = None
-        self._job = None
-        try:
-            self._remove_preview()
             self._set_running(False)
-            self.status.value = {"done": "done", "cancelled": "cancelled: no layers added",
-                                 "error": "failed: see the notification"}[outcome]
-        except RuntimeError:  # the dock widget was closed while the run ended
+        except RuntimeError:  # the dock widget was deleted while the run ended
             pass
-        if outcome == "cancelled":
-            show_info(f"{self.spec.title}: cancelled; no layers were added for {self._source!r}.")
         self.finished.emit(outcome)
 
-    def _remove_preview(self) -> None:
-        layer, self._preview_layer = self._preview_layer, None
-        if layer is not None and layer in self._viewer.layers:
-            self._viewer.layers.remove(layer)
+    def _on_dock_closed(self, *_) -> None:
+        """The dock was closed (napari takes the widget out of it) or deleted: stop the run, drop its preview."""
+        run = self.current_run
+        if run is not None and run.running:
+            run.cancel(f"the {self.spec.title} dock was closed")
 
-    def _on_destroyed(self, *_) -> None:
-        if self.worker is not None:
-            self.cancel_quietly()
 
-    def cancel_quietly(self) -> None:
-        """Stop a run without touching the (possibly deleted) controls."""
-        self._cancelled = True
-        if self._job is not None:
-            self._job.stop()
-        if self.worker is not None:
-            self.worker.quit()
+class _ParentWatcher(QObject):
+    """Calls ``on_orphaned()`` when the watched widget loses its parent: napari's dock close button takes the
+    widget out of its dock (``setParent(None)``) without deleting it, so ``destroyed`` may never come."""
+
+    def __init__(self, on_orphaned):
+        super().__init__()
+        self._on_orphaned = on_orphaned
+
+    def eventFilter(self, watched, event) -> bool:  # noqa: N802 - Qt's name
+        if event.type() == QEvent.Type.ParentChange and watched.parent() is None:
+            self._on_orphaned()
+        return False
 
 
 class FuseWidget(JobWidget):
@@ -603,10 +522,75 @@ class FuseWidget(JobWidget):
 
 class SeparateWidget(JobWidget):
     """The "Separate layers" dock widget: ``JobWidget`` with ``SEPARATE_SPEC`` (a task menu generated from the
-    task table, ``napari_nir.core.tasks.TASKS``)."""
+    task table, ``napari_nir.core.tasks.TASKS``). The task starts on the one a sample burst names
+    (``metadata[SAMPLE_KEY]["task"]``), else on the last task picked in this session."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(napari_viewer, SEPARATE_SPEC)
+        if _LAST_TASK and not self._sample_task(self.layer.value):
+            self.task.value = _LAST_TASK[0]
+        self.task.changed.connect(self._remember_task)
+
+    @staticmethod
+    def _sample_task(layer) -> str | None:
+        task = (getattr(layer, "metadata", {}).get(SAMPLE_KEY) or {}).get("task")
+        from .core.tasks import TASKS
+
+        return task if task in TASKS else None
+
+    def _on_burst_shown(self, layer) -> None:
+        task = self._sample_task(layer)
+        if task is not None and getattr(self, "task", None) is not None and self.task.value != task:
+            self._following_sample = True
+            try:
+                self.task.value = task
+            finally:
+                self._following_sample = False
+
+    def _remember_task(self, task) -> None:
+        if not getattr(self, "_following_sample", False):  # the user's pick, not the sample's
+            _LAST_TASK[:] = [task]
+
+
+_LAST_TASK: list[str] = []  # the task last picked in a Separate layers widget in this session
+
+
+# -- the console call ---------------------------------------------------------------------------------------
+def run_in_viewer(viewer, layer, task: str = "fuse", *, motion: str | None = None, preset: str = "fast",
+                  steps: int | None = None, device: str = "auto", seed: int = 0, axes: str | None = None,
+                  register_on=None, **options) -> ViewerRun:
+    """Fit ``layer`` (an image layer of ``viewer`` or its name) in a thread worker, the way the dock widgets do,
+    and return at once: napari stays responsive, the status bar's activity dock shows the progress, a preview
+    layer the canonical view, and the result's layers appear when it ends. For napari's console::
+
+        run = napari_nir.run_in_viewer(viewer, "astronaut burst")            # fusion, homography
+        run = napari_nir.run_in_viewer(viewer, "rain burst", "rain")         # a separation task
+        run.cancel()       # stops it within a step; run.outcome, run.result, run.message once it ends
+
+    task: "fuse" or a separation task of ``napari_nir.TASKS``. motion: the motion model (fusion default
+    "homography"; separation: the task's). axes: the layer's axes when it is not a burst (default: its axis
+    labels, as the widgets read them). Other arguments as ``napari_nir.fuse``. Bad input raises at once
+    (ValueError/TypeError, as ``napari_nir.fuse``); the layer's data is never modified.
+    """
+    from napari.layers import Image
+
+    if isinstance(layer, str):
+        if layer not in viewer.layers:
+            raise ValueError(f"no layer named {layer!r} in the viewer; its layers: "
+                             f"{', '.join(repr(item.name) for item in viewer.layers) or 'none'}")
+        layer = viewer.layers[layer]
+    if not isinstance(layer, Image):
+        raise TypeError(f"run_in_viewer needs an image layer (or its name), got {type(layer).__name__}")
+    spec = FUSE_SPEC if task == "fuse" else SEPARATE_SPEC
+    axes = layer_axes(layer, axes or "auto")
+    data = burst_data(layer, spec) if axes is None else (layer.data[0] if layer.multiscale else layer.data)
+    values = {"motion": motion or (spec.motion_default if task == "fuse" else TASK_DEFAULT), "preset": preset,
+              "steps": steps, "device": device, "seed": seed, "axes": axes, "register_on": register_on,
+              "task": task}
+    job = spec.make_job(data, values, options)
+    picks = [-3, -2, -1] if axes is None else [axes.index(a) for a in "TYX"]
+    return ViewerRun(viewer, spec, layer, job, frame_scale=[layer.scale[i] for i in picks],
+                     frame_shift=[layer.translate[i] for i in picks]).start()
 
 
 # -- apply a fitted alignment to other layers ---------------------------------------------------------------

@@ -22,6 +22,7 @@ from .polish import polish_matrices
 from .presets import preset_config, separation_config
 from .registration import check_transforms, select_for_fit
 from .result import FusionResult, SeparationResult
+from .stages import Stopped, stop_check
 from .tasks import get_task
 from .train import ProgressEvent, cpu_fit_settings, fit_steps, resolve_device
 
@@ -169,7 +170,9 @@ class FusionJob:
         return preset_config(motion, preset, **overrides)
 
     def stop(self) -> None:
-        """Ask the run to end after the current step (thread-safe: a flag read between steps)."""
+        """Ask the run to end after the current step, or during the start (feature matching, model build) at the
+        next frame or pair; thread-safe: a flag read between steps. Stopped before the first step, ``run`` ends
+        without events and ``result()`` raises (no model)."""
         self._stop = True
 
     def run(self):
@@ -186,8 +189,12 @@ class FusionJob:
             self.unusable = unusable_frames(reduce_frames(frames)[0])
             blank = [t for t, kind in self.unusable.items() if kind == "blank"]
             with cpu_fit_settings(self.device):
-                self.model = build_model(frames, self.config, self.device, start=self._normalised_start(),
-                                         skip=blank)
+                try:  # the start (feature matching) yields no events: it checks the stop flag itself
+                    with stop_check(lambda: self._stop):
+                        self.model = build_model(frames, self.config, self.device, start=self._normalised_start(),
+                                                 skip=blank)
+                except Stopped:
+                    return  # stopped before the first step: no model, no result
                 for event in fit_steps(self.model, frames, self.config, self.device, start=start,
                                        preview=self._preview, frame_weights=self._frame_weights(len(frames), blank)):
                     self.history.append({"step": event.step, "seconds": round(event.seconds, 4), "loss": event.loss,
@@ -243,7 +250,8 @@ class FusionJob:
     def result(self) -> FusionResult:
         """The fitted result (call after ``run`` finished or was stopped)."""
         if self.model is None:
-            raise RuntimeError("the fit has not started: iterate over job.run() first")
+            raise RuntimeError("the fit has not started: iterate over job.run() first"
+                               + (" (it was stopped during its start)" if self._stop else ""))
         completed = bool(self.history) and self.history[-1]["step"] == self.config.steps
         result = self.result_type(self.model, self.burst, self.config, list(self.history), self.device,
                                   seconds=self._seconds, completed=completed, source=self.source,

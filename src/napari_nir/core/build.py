@@ -23,7 +23,7 @@ from .geometry import Normaliser, frame_bounds
 from .models import MOVING_MARGIN, FusionModel, SeparationModel, interference_density, interference_init
 from .motion import centre_gauge, phase_translations, robust_start
 from .motions import get_motion
-from .stages import Stage
+from .stages import Stage, check_stop
 from .tasks import get_task
 
 __all__ = ["build_model", "make_model", "initial_homographies", "SEED_LOCK"]
@@ -92,6 +92,7 @@ def build_model(frames: np.ndarray, config: FitConfig, device: torch.device,
     domain = (xmin - margin, xmax + margin, ymin - margin, ymax + margin)
     lo, hi = config.value_range
     mean = frames.reshape(-1, c).mean(0) * (hi - lo) + lo
+    check_stop()
     model = make_model(config, (t, h, w, c), domain, init=init, mean=mean).to(device)
     model.start_matches = matches  # what the diagnostics check the fitted motion against (not saved)
     return model

@@ -21,6 +21,7 @@ from torch import nn
 from .diagnostics import correlation, reduce_frames
 from .fields import Siren, coarse_to_fine, pyramid_shapes, sample_levels
 from .geometry import apply_homography, time_coordinate
+from .stages import check_stop
 
 
 def _sl3_generators() -> torch.Tensor:
@@ -162,6 +163,7 @@ def feature_homographies(frames: np.ndarray, *, max_side: int = 512, seed: int =
     factor = min(1.0, max_side / max(h, w))
     keypoints, descriptors = [], []
     for frame in grey:
+        check_stop()
         img = rescale(frame, factor, anti_aliasing=True) if factor < 1 else frame
         lo, hi = np.percentile(img, [0.5, 99.5])
         img = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
@@ -179,6 +181,7 @@ def feature_homographies(frames: np.ndarray, *, max_side: int = 512, seed: int =
     rng = np.random.default_rng(seed)
     found: list = []
     for t in range(1, len(grey)):
+        check_stop()
         model = inliers = src = dst = None
         if descriptors[t] is not None and descriptors[t - 1] is not None:
             matches = match_descriptors(descriptors[t], descriptors[t - 1], cross_check=True, max_ratio=0.9)
@@ -268,6 +271,7 @@ def _phase_links(frames: np.ndarray, max_side: int = 256) -> list[tuple[np.ndarr
     tapered = (small - small.mean((1, 2), keepdims=True)) * window
     out = []
     for t in range(1, len(small)):
+        check_stop()
         shift, score = _translation_link(small[t - 1], small[t], (tapered[t - 1], tapered[t]))
         link = np.eye(3)
         link[:2, 2] = shift * k  # (d_col, d_row): frame t pixel + shift -> frame t-1 pixel

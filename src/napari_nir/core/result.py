@@ -24,6 +24,7 @@ from .burst import Burst
 from .config import FitConfig
 from .geometry import Normaliser, apply_homography, frame_corners, pixel_grid
 from .motions import get_motion
+from .stages import Stopped
 from .tasks import get_task
 from .train import resolve_device
 
@@ -376,16 +377,20 @@ class FusionResult:
         return registration.resample_stack(array, letters, grid, order, float(fill))
 
     # -- every output, as one list -----------------------------------------------------------------
-    def artefacts(self, extent: str = "union", scale: float = 1.0, roles=None) -> list[Artefact]:
+    def artefacts(self, extent: str = "union", scale: float = 1.0, roles=None, *,
+                  should_stop: Callable[[], bool] | None = None) -> list[Artefact]:
         """Every output of this result, in display order (see ``ARTEFACTS``): what the CLI writes, the napari
         layers show and the npe2 writer records. ``extent``, ``scale``: the canonical view's (and the
-        alignment drawn on it); roles: only these (default: all that apply). Data are computed here."""
+        alignment drawn on it); roles: only these (default: all that apply). Data are computed here;
+        ``should_stop()`` is asked before each one, and ``Stopped`` raised when it says so (a GUI's cancel)."""
         extent, scale = _check_extent(extent), _check_scale(scale)
         cache: dict = {}
         out = []
         for spec in ARTEFACTS.values():
             if (roles is not None and spec.role not in roles) or not spec.applies(self.config):
                 continue
+            if should_stop is not None and should_stop():
+                raise Stopped(f"stopped before rendering {spec.role!r}")
             made = spec.make(self, _View(extent, scale, cache))
             if made is None:
                 continue

@@ -1,4 +1,5 @@
-"""Stages of a fit: what a model declares about its run, so that the training loop never asks what it is.
+"""Stages of a fit: what a model declares about its run, so that the training loop never asks what it is; and
+cooperative stops for the parts of a run that yield no progress events (feature start, model build).
 
 A model's ``stages(config)`` returns a list of ``Stage`` in order of ``start``. The loop (``train.fit_steps``)
 reports the current stage's name in every ``ProgressEvent.stage``, calls a stage's ``enter`` once at the first
@@ -6,10 +7,38 @@ step whose progress reaches its ``start``, and uses its ``cauchy`` scale (when >
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
-__all__ = ["Stage", "stage_at"]
+__all__ = ["Stage", "stage_at", "Stopped", "stop_check", "check_stop"]
+
+_STOP_CHECK: ContextVar[Callable[[], bool] | None] = ContextVar("napari_nir_stop_check", default=None)
+
+
+class Stopped(Exception):
+    """A run was asked to stop during a part of it that yields no progress events (raised by ``check_stop``)."""
+
+
+@contextmanager
+def stop_check(should_stop: Callable[[], bool]) -> Iterator[None]:
+    """While the block runs in this thread, ``check_stop()`` raises ``Stopped`` once ``should_stop()`` is true.
+
+    A context variable rather than an argument: the loops that check it (ORB per frame, matching per pair, phase
+    correlation per pair) sit three calls below the job, and a fit started without a job checks nothing."""
+    token = _STOP_CHECK.set(should_stop)
+    try:
+        yield
+    finally:
+        _STOP_CHECK.reset(token)
+
+
+def check_stop() -> None:
+    """Raise ``Stopped`` when the run this thread serves was asked to stop (see ``stop_check``); else nothing."""
+    should_stop = _STOP_CHECK.get()
+    if should_stop is not None and should_stop():
+        raise Stopped
 
 
 @dataclass(frozen=True)
