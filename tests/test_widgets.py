@@ -374,14 +374,34 @@ def test_every_sample_opens(make_napari_viewer):
 
     import napari_nir
 
+    from napari_nir._layers import SAMPLE_KEY
+    from napari_nir._widgets import SeparateWidget
+
     manifest = yaml.safe_load(Path(napari_nir.__file__).with_name("napari.yaml").read_text())
     viewer = make_napari_viewer()
+    fuse_open = FuseWidget(viewer)  # open before the samples: it follows each new burst
     for entry in manifest["contributions"]["sample_data"]:
         before = len(viewer.layers)
         viewer.open_sample("napari-nir", entry["key"])
         added = list(viewer.layers)[before:]
         assert added and added[0].visible and added[0].data.ndim >= 3
         assert all(not layer.visible for layer in added[1:])
+        burst = added[0]
+        assert burst.metadata[SAMPLE_KEY]["role"] == "burst"
+        assert all(layer.metadata[SAMPLE_KEY]["role"] == "ground truth" for layer in added[1:])
+        # the last layer a sample adds (selected) is its ground truth: the widgets still start on the burst
+        fuse, separate = FuseWidget(viewer), SeparateWidget(viewer)
+        assert fuse.layer.value is burst and separate.layer.value is burst, entry["key"]
+        assert fuse_open.layer.value is burst, entry["key"]
+        task = burst.metadata[SAMPLE_KEY]["task"]
+        if task:
+            assert separate.task.value == task
+    # the user's pick is kept while the layer exists, whatever is added after it
+    fuse_open.layer.value = viewer.layers["astronaut burst"]
+    viewer.add_image(np.zeros((3, 8, 8), np.float32), name="another stack")
+    assert fuse_open.layer.value is viewer.layers["astronaut burst"]
+    viewer.layers.remove("astronaut burst")
+    assert fuse_open.layer.value is viewer.layers["another stack"]
 
 
 SCREENSHOT_RUNS = {  # docs/images/<name>.png: widget, settings, sample maker
@@ -649,3 +669,72 @@ def test_gui_stays_responsive_during_a_200_frame_fit(make_napari_viewer, qtbot, 
     assert len(gaps) > 20
     print(f"200-frame fit: {len(gaps)} timer ticks, longest event-loop stall {gaps.max() * 1000:.0f} ms")
     assert gaps.max() < 0.2, f"longest event-loop stall {gaps.max() * 1000:.0f} ms"
+
+
+def test_stops_when_the_dock_closes_or_the_layer_goes(make_napari_viewer, qtbot, frames, notes):
+    """Closing the dock or removing the source layer stops a fit within a step: no layers, no preview left."""
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(frames.copy(), rgb=True, name="burst")
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-nir", "Fuse burst")
+    widget.steps.value, widget.device.value, widget.fit_options = 3000, "cpu", {**FAST, "preview_every": 1}
+    with qtbot.waitSignal(widget.finished, timeout=TIMEOUT_MS) as done:
+        worker = widget.run()
+        qtbot.waitUntil(lambda: "burst preview" in viewer.layers, timeout=TIMEOUT_MS)
+        job = widget._job
+        viewer.window.remove_dock_widget(dock)  # what the dock's close button does
+    assert done.args == ["cancelled"] and worker is not None
+    assert len(job.history) < 3000 and _names(viewer) == ["burst"]
+    assert "dock was closed" in widget.current_run.message
+
+    _, widget = viewer.window.add_plugin_dock_widget("napari-nir", "Fuse burst")
+    widget.layer.value, widget.steps.value, widget.fit_options = layer, 3000, {**FAST, "preview_every": 1}
+    with qtbot.waitSignal(widget.finished, timeout=TIMEOUT_MS) as done:
+        widget.run()
+        qtbot.waitUntil(lambda: "burst preview" in viewer.layers, timeout=TIMEOUT_MS)
+        viewer.layers.remove(layer)
+    assert done.args == ["cancelled"] and _names(viewer) == []
+    assert "'burst' was removed" in widget.current_run.message
+    assert widget.status.value == widget.current_run.message  # the full text, in the status line too
+
+
+def test_cancel_during_the_start_adds_nothing(make_napari_viewer, qtbot, frames, notes, monkeypatch):
+    """A cancel while the feature start runs (no progress events yet) ends the run there."""
+    from napari_nir.core import motion
+
+    reached = []
+    original = motion.feature_homographies
+
+    def slow_start(*args, **kwargs):  # the start of a large burst: many frames to match
+        reached.append(True)
+        widget.cancel()  # from the worker thread, as a click lands while the start runs
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(motion, "feature_homographies", slow_start)
+    viewer, _, widget = _docked(make_napari_viewer, frames, steps=3000)
+    with qtbot.waitSignal(widget.finished, timeout=TIMEOUT_MS) as done:
+        widget.run()
+        job = widget._job
+    assert reached and done.args == ["cancelled"]
+    assert job.model is None and job.history == []  # stopped inside the start: no model, no step
+    assert _names(viewer) == ["burst"] and not notes["error"]
+
+
+def test_console_call_returns_at_once_and_adds_the_layers(make_napari_viewer, qtbot, frames, notes):
+    import napari_nir
+
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(frames.copy(), rgb=True, name="burst")
+    run = napari_nir.run_in_viewer(viewer, "burst", steps=20, device="cpu", **FAST)
+    assert run.running and run.result is None  # returned before the fit ended
+    with qtbot.waitSignal(run.finished, timeout=TIMEOUT_MS) as done:
+        pass
+    assert done.args == ["done"] and run.result is not None and run.outcome == "done"
+    assert "burst canonical" in viewer.layers and "burst preview" not in viewer.layers
+    assert run.message.startswith("Fuse burst: Fused 'burst'")
+    sep = napari_nir.run_in_viewer(viewer, layer, "rain", steps=3000, device="cpu", **FAST)
+    sep.cancel()
+    with qtbot.waitSignal(sep.finished, timeout=TIMEOUT_MS) as done:
+        pass
+    assert done.args == ["cancelled"] and sep.message.startswith("Separate layers: cancelled")
+    with pytest.raises(ValueError, match="no layer named"):
+        napari_nir.run_in_viewer(viewer, "nothing")

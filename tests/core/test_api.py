@@ -194,3 +194,33 @@ def test_channels_first_stack_is_not_read_as_channels_last():
         nir.fuse(stack, steps=1)
     job = nir.FusionJob(stack, axes="TYXC", steps=1)  # said explicitly: 8 rows of 40 pixels, 48 channels
     assert job.burst.shape == (3, 8, 40, 48)
+
+
+def test_a_stop_during_the_start_ends_the_run_before_its_first_step():
+    """The feature start yields no events; it checks the job's stop flag per frame and per pair of frames."""
+    from napari_nir.core import motion
+    from napari_nir.core.api import FusionJob
+    from napari_nir.core.stages import Stopped, check_stop, stop_check
+
+    frames = np.random.default_rng(0).random((4, 32, 32)).astype(np.float32)
+    job = FusionJob(frames, "homography", steps=50)
+    checks = []
+    original = motion.check_stop
+
+    def counting():
+        checks.append(True)
+        if len(checks) == 2:  # asked to stop while the second frame's features are found
+            job.stop()
+        original()
+
+    motion.check_stop = counting
+    try:
+        events = list(job.run())
+    finally:
+        motion.check_stop = original
+    assert events == [] and job.model is None and len(checks) == 2  # stopped at that check, frame 2 of 4
+    with pytest.raises(RuntimeError, match="stopped during its start"):
+        job.result()
+    check_stop()  # outside a run: nothing to stop
+    with stop_check(lambda: True), pytest.raises(Stopped):
+        check_stop()
