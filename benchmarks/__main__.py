@@ -38,7 +38,7 @@ def markdown(table: dict) -> str:
 
 
 HEADLINE = ("<!-- headline -->", "<!-- /headline -->")
-SECTIONS = ("fusion", "separation", "scaling", "registration", "memory", "diagnostics")
+SECTIONS = ("fusion", "separation", "scaling", "registration", "memory", "diagnostics", "napari")
 
 
 def section_block(name: str, text: str) -> str:
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                         help=f"comma-separated sections: {', '.join(SECTIONS)}; with a subset, the other sections of "
                              "an existing output file are kept")
     args = parser.parse_args(argv)
-    from . import diagnostics, fusion, memory, registration, scaling, separation
+    from . import diagnostics, fusion, memory, napari_gui, registration, scaling, separation
 
     info = machine()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
@@ -91,7 +91,8 @@ def main(argv=None) -> int:
             "scaling": lambda: scaling.run(args.quick, args.device),
             "registration": lambda: registration.run(args.quick, args.device),
             "memory": lambda: memory.run(args.quick, args.device),
-            "diagnostics": lambda: diagnostics.run(args.quick, args.device)}
+            "diagnostics": lambda: diagnostics.run(args.quick, args.device),
+            "napari": lambda: napari_gui.run(args.quick, args.device)}
     by_section = {name: runs[name]() for name in SECTIONS if name in sections}
     tables = [t for name in by_section for t in by_section[name]]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

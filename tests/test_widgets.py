@@ -219,12 +219,28 @@ def test_rerun_replaces_only_own_layers(make_napari_viewer, qtbot, frames, notes
     ours = viewer.layers["burst canonical [1]"]
     assert ours.metadata[META_KEY]["seed"] == 0
 
+    outlines = viewer.layers["burst outlines"]
+    inserted, removed = [], []
+    viewer.layers.events.inserted.connect(lambda event: inserted.append(event.value.name))
+    viewer.layers.events.removed.connect(lambda event: removed.append(event.value.name))
     widget.seed.value = 7
     widget.run()
     _wait(qtbot, widget)
     assert _names(viewer) == first  # replaced in place: no duplicates
-    assert viewer.layers["burst canonical [1]"].metadata[META_KEY]["seed"] == 7
-    assert viewer.layers["burst outlines"].metadata[META_KEY]["seed"] == 7
+    assert viewer.layers["burst canonical [1]"] is ours and ours.metadata[META_KEY]["seed"] == 7
+    assert viewer.layers["burst outlines"] is outlines and outlines.metadata[META_KEY]["seed"] == 7
+    assert inserted == removed == []  # the preview was shown in the last canonical: no layer added or removed
+
+    # a re-run that is cancelled gives the borrowed canonical layer back as it was
+    kept = ours.data.copy()
+    widget.steps.value = 3000
+    with qtbot.waitSignal(widget.finished, timeout=TIMEOUT_MS) as done:
+        widget.run()
+        qtbot.waitUntil(lambda: ours.name == "burst canonical (preview)", timeout=TIMEOUT_MS)
+        widget.cancel()
+    assert done.args == ["cancelled"] and _names(viewer) == first
+    assert ours.name == "burst canonical [1]" and np.array_equal(ours.data, kept)
+    assert ours.metadata[META_KEY]["seed"] == 7
     assert viewer.layers["burst canonical"] is mine and np.array_equal(mine.data, mine_data)
     assert OWNER_KEY not in mine.metadata
     assert viewer.layers["burst outlines (mine)"] is similar

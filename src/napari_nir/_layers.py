@@ -288,6 +288,9 @@ def add_layer_data(viewer: napari.Viewer, layer_data: Sequence[LayerDataTuple]) 
             existing.reset_contrast_limits()
             layers.append(existing)
             continue
+        if existing is not None and _update_in_place(existing, data, kwargs, layer_type):
+            layers.append(existing)
+            continue
         if existing is not None:
             kwargs["visible"] = existing.visible  # the user's choice survives a re-run
         new = Layer.create(data, kwargs, layer_type)
@@ -299,6 +302,27 @@ def add_layer_data(viewer: napari.Viewer, layer_data: Sequence[LayerDataTuple]) 
             viewer.layers.append(new)
         layers.append(new)
     return layers
+
+
+def _update_in_place(existing: Layer, data, kwargs: dict, layer_type: str) -> bool:
+    """Update a shapes layer of ours with as many shapes, or a vectors layer, in place; False for anything else.
+
+    Replacing a layer removes one, and napari runs a full garbage collection on every removal (0.3 s and more in
+    a session with torch loaded: benchmarks/RESULTS.md "napari"), so a re-run updates what it can."""
+    from napari.layers import Shapes, Vectors
+
+    if layer_type == "shapes" and isinstance(existing, Shapes) and existing.nshapes == len(data):
+        existing.data = data
+        existing.edge_color = kwargs.get("edge_color", existing.edge_color)
+        existing.edge_width = kwargs.get("edge_width", existing.edge_width)
+    elif layer_type == "vectors" and isinstance(existing, Vectors):
+        existing.data = data
+    else:
+        return False
+    existing.metadata = kwargs["metadata"]
+    existing.scale = kwargs.get("scale", existing.scale)
+    existing.translate = kwargs.get("translate", existing.translate)
+    return True
 
 
 def add_result_to_viewer(viewer: napari.Viewer, fit: FusionResult, source_name: str = "burst", *,

@@ -2,7 +2,8 @@
 
 A ``ViewerRun`` takes a core job (``napari_nir.FusionJob`` / ``SeparationJob``, already validated) and the layer
 it reads, and runs it in a napari thread worker: the status text and napari's progress bar follow it, a
-"<layer> preview" layer shows the canonical view every ``PREVIEW_INTERVAL_S``, and when it ends the result's
+"<layer> preview" layer shows the canonical view every ``PREVIEW_INTERVAL_S`` (a re-run shows it in the last
+run's "<layer> canonical", given back as it was if the run does not finish), and when it ends the result's
 layers are added (``_layers``) and the view is fitted to them. It stops within a step, or within one frame or
 pair of the start (feature matching), when ``cancel()`` is called, when its source layer is removed (closing the
 viewer removes every layer) or when napari's activity dock cancels it; a stopped run adds no layers and leaves no
@@ -10,8 +11,9 @@ preview. Every message names the run's title ("Fuse burst", "Separate layers").
 
 What keeps napari at the API's speed (benchmarks/RESULTS.md "napari"): the worker hands the GUI thread at most
 one progress event per ``STATUS_INTERVAL_S`` (a signal per step kept the GUI thread busy, and with it a core),
-the worker uses as many torch threads as a fit from Python, and the result's layers are added one per turn of
-the event loop so that no single turn holds the GUI for all of them.
+the worker uses as many torch threads as a fit from Python, the result's layers are added one per turn of the
+event loop so that no single turn holds the GUI for all of them, and layers are updated in place rather than
+removed and added wherever possible (napari runs a full garbage collection on every layer removal).
 """
 from __future__ import annotations
 
@@ -129,6 +131,7 @@ class ViewerRun:
         self._pending: list | None = None  # layer data still to add, one per event-loop turn
         self._layer_data: list = []
         self._preview_layer = None
+        self._borrowed = None  # (layer, data, scale, translate, contrast limits, name) of a borrowed canonical
         self._last_preview = -math.inf
         self.progress_bar = None
         longest = max(job.burst.H, job.burst.W)
@@ -196,12 +199,52 @@ class ViewerRun:
         if layer is not None and layer in self.viewer.layers and layer.rgb == rgb:
             layer.data = image
             return
-        if layer is not None and layer in self.viewer.layers:
+        if layer is not None and layer in self.viewer.layers and layer is not self._borrowed_layer():
             self.viewer.layers.remove(layer)
         scale, translate = self._preview_place
+        if self._borrow_canonical(image, rgb, scale, translate):
+            return
         self._preview_layer = self.viewer.add_image(
             image, name=f"{self.source} preview", rgb=rgb, contrast_limits=(0.0, 1.0), scale=scale,
             translate=translate, metadata={OWNER_KEY: {"source": self.source, "role": "preview"}})
+
+    def _borrow_canonical(self, image, rgb: bool, scale, translate) -> bool:
+        """A re-run shows its preview in the canonical layer of the last run of this source (restored if the run
+        does not finish), rather than adding a preview layer and removing it at the end: napari runs a full
+        garbage collection on every layer removal. False when there is no such layer to borrow."""
+        if self._borrowed is not None:
+            return False
+        own = [layer for layer in owned_layers(self.viewer, self.source, "canonical")
+               if getattr(layer, "rgb", None) == rgb and not getattr(layer, "multiscale", False)
+               and np.ndim(layer.data) == np.ndim(image)]
+        if not own:
+            return False
+        layer = own[0]
+        self._borrowed = (layer, layer.data, list(layer.scale), list(layer.translate),
+                          tuple(layer.contrast_limits), layer.name)
+        layer.data = image
+        layer.scale, layer.translate = scale, translate
+        layer.contrast_limits = (0.0, 1.0)
+        layer.name = f"{self.source} canonical (preview)"
+        self._preview_layer = layer
+        return True
+
+    def _borrowed_layer(self):
+        return None if self._borrowed is None else self._borrowed[0]
+
+    def _give_back_canonical(self) -> None:
+        """Put the borrowed canonical layer back as it was (the run ended without a result)."""
+        borrowed, self._borrowed = self._borrowed, None
+        if borrowed is None:
+            return
+        layer, data, scale, translate, limits, name = borrowed
+        if self._preview_layer is layer:
+            self._preview_layer = None
+        if layer in self.viewer.layers:
+            layer.data = data
+            layer.scale, layer.translate = scale, translate
+            layer.contrast_limits = limits
+            layer.name = name
 
     def _on_returned(self, value) -> None:
         if self._cancelled or value is None:
@@ -216,7 +259,15 @@ class ViewerRun:
 
     def _adopt_preview(self, layer_data) -> None:
         """Turn the preview layer into the canonical layer when there is none yet: it is then updated in place,
-        which spares napari's removal of a layer (a full garbage collection, 0.3 s and more in a large session)."""
+        which spares napari's removal of a layer (a full garbage collection, 0.3 s and more in a large session).
+        A borrowed canonical layer gets its name back and is updated in place the same way."""
+        if self._borrowed is not None:
+            layer, *_, name = self._borrowed
+            self._borrowed = None
+            if layer in self.viewer.layers:
+                layer.name = name
+            self._preview_layer = None
+            return
         layer = self._preview_layer
         if layer is None or layer not in self.viewer.layers:
             return
@@ -337,6 +388,7 @@ class ViewerRun:
             self._status = lambda text: None
 
     def _remove_preview(self) -> None:
+        self._give_back_canonical()
         layer, self._preview_layer = self._preview_layer, None
         try:
             if layer is not None and layer in self.viewer.layers:
