@@ -389,7 +389,6 @@ def test_every_sample_opens(make_napari_viewer):
     import yaml
 
     import napari_nir
-
     from napari_nir._layers import SAMPLE_KEY
     from napari_nir._widgets import SeparateWidget
 
