@@ -5,6 +5,7 @@
                                     [--from-provenance FILE] [--overwrite] [--quiet]
     napari-nir separate BURST --task TASK -o OUTDIR [the same options]
     napari-nir demo [-o OUTDIR] [--steps N] [--device ...] [--set KEY=VALUE ...] [--overwrite]
+    napari-nir batch INPUT... -o OUT [--task TASK | --motion ...] [--workers N] [--scheduler ADDRESS] [the same]
     napari-nir options
 
 The files written are the result's artefact list (``FusionResult.artefacts``, ``core.result.ARTEFACTS``: e.g.
@@ -15,7 +16,7 @@ complete new one, and no staging files (``_write_all``). OUTDIR is checked befor
 nearest existing parent) must be a folder a file can be created in. ``--set`` takes any option of ``napari-nir
 options``; ``--from-provenance`` repeats a recorded fit. Exit codes: 0 done; 2 bad input or arguments (one line on
 stderr); 130 cancelled (Ctrl-C, SIGINT) and 143 terminated (SIGTERM), one line and no traceback; 1 an unexpected
-error (with a traceback).
+error (with a traceback), or for ``batch`` one or more bursts failed (OUT/summary.csv says which and why).
 """
 from __future__ import annotations
 
@@ -267,6 +268,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_options(separate, full=True)
     separate.set_defaults(handler=_cmd_separate)
 
+    batch = sub.add_parser(
+        "batch", help="fuse or separate many bursts on a Dask cluster, one burst per task, into OUT/<name>/",
+        description="Fit every INPUT (multi-page TIFFs, .npy files, folders of frames, .zarr arrays) on a Dask "
+                    "cluster, one burst per task, each into OUT/<name>/ with the files 'fuse' or 'separate' writes. "
+                    "Resumable: bursts whose folder exists are skipped (--overwrite fits them again), a killed "
+                    "batch leaves no half-written folder, a failing burst is recorded in OUT/summary.csv and "
+                    "OUT/summary.json and the others carry on. Every fit uses one torch thread per worker.",
+        epilog=f"Examples: {PROG} batch wells/*.tif -o out/ --motion rigid; {PROG} batch a.tif b.tif -o out/ "
+               f"--task rain --workers 2; {PROG} batch bursts/* -o out/ --scheduler tcp://10.0.0.5:8786")
+    batch.add_argument("inputs", nargs="+", metavar="INPUT", help="bursts: files, folders of frames, .zarr arrays")
+    batch.add_argument("-o", "--output", required=True, metavar="OUT", help="folder for the bursts' folders")
+    batch.add_argument("--task", default=None, choices=tuple(TASKS),
+                       help=f"separate with this task: {_entries(TASKS)} (default: fuse)")
+    batch.add_argument("--motion", choices=motions, default=None,
+                       help="motion model (default: homography; with --task the task's)")
+    batch.add_argument("--preset", choices=PRESETS, default=None, help="fast or paper (default: fast)")
+    batch.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                       help="worker processes of the local cluster (default: one per core)")
+    batch.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="a running Dask scheduler to use instead (tcp://host:8786; any cluster: dask-jobqueue, "
+                            "Kubernetes, SSH)")
+    batch.add_argument("--seed", type=_nonnegative_int, default=None, metavar="S", help="random seed (default 0)")
+    _add_fit_options(batch, full=False)
+    batch.set_defaults(handler=_cmd_batch)
+
     opts = sub.add_parser(
         "options", help="list every fit option (for --set KEY=VALUE) with its type, default and description",
         description="Every option a fit takes, by section: its name for --set (or section.attribute), its type, "
@@ -306,7 +332,7 @@ def _main(argv: list[str] | None) -> int:
         return int(exc.code or 0) if isinstance(exc.code, (int, type(None))) else EXIT_USAGE
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: choose a command: fuse, separate, demo or options (see '{PROG} --help')",
+        print(f"{PROG}: error: choose a command: fuse, separate, demo, batch or options (see '{PROG} --help')",
               file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -524,19 +550,69 @@ def _cmd_separate(args) -> int:
 
 
 def _run_fit(args, kind: str) -> int:
+    fit, written, outdir = _fit_and_write(args, kind, args.burst)
+    _report(fit, written, outdir)
+    return EXIT_OK
+
+
+def _fit_and_write(args, kind: str, burst, source: str | None = None):
+    """Check the outputs and the memory, read ``burst`` (a path; or an array, then ``source`` names it), fit and
+    write every output all or nothing; returns (fit, written paths, output folder)."""
     from . import io
 
     outdir = _output_folder(args.output)
     plan = _plan(args, kind)
     _check_outputs(outdir, plan.declared, args.overwrite)
-    _check_memory_from_header(args, plan)
-    burst = io.read_burst(args.burst)
-    _check_burst_shape(burst, args.burst)
+    if isinstance(burst, (str, os.PathLike)):
+        _check_memory_from_header(args, plan)
+        source = os.fspath(burst)
+        burst = io.read_burst(burst)
+    _check_burst_shape(burst, source)
     fit = _fit(burst, args, plan)
-    files = _render_outputs(fit, burst, args, plan, source=os.fspath(args.burst))
+    files = _render_outputs(fit, burst, args, plan, source=source)
     written = _write_all(outdir, files, args.overwrite, stale=[n for n in plan.declared if n not in files])
-    _report(fit, written, outdir)
-    return EXIT_OK
+    return fit, written, outdir
+
+
+def fit_to_folder(kind: str, burst, output, options: list[str] = (), *, source: str = "array") -> dict:
+    """Fit ``burst`` and write into ``output`` exactly what ``napari-nir fuse|separate BURST -o OUTPUT OPTIONS``
+    writes (for ``napari_nir.distributed``: one burst per task).
+
+    kind: "fuse" or "separate". burst: a path (a multi-page TIFF, a .npy, a folder of frames) or an array
+    (T, H, W[, C]) that ``source`` names in the provenance. options: the command's other arguments, e.g.
+    ["--motion", "rigid", "--set", "threads=1", "--quiet"]. Raises what the command reports as an error
+    (CLIError, ValueError, ...). Returns {"final_psnr_db", "seconds", "verdict", "reasons", "files"}.
+    """
+    args = build_parser().parse_args([kind, "BURST", "-o", os.fspath(output), *options])
+    fit, written, _ = _fit_and_write(args, kind, burst, source)
+    found = fit.diagnostics()
+    prov = fit.provenance()
+    return {"final_psnr_db": prov.get("final_psnr_db"), "seconds": prov.get("seconds"), "verdict": found.verdict,
+            "reasons": list(found.reasons), "files": sorted(p.name for p in written)}
+
+
+def _cmd_batch(args) -> int:
+    try:
+        from . import distributed
+    except ImportError as exc:  # pragma: no cover - the testing extra installs it
+        raise CLIError(f"'{PROG} batch' needs Dask's distributed scheduler ({exc}); install it with "
+                       "pip install 'napari-nir[distributed]'") from None
+    if args.workers is not None and args.scheduler:
+        raise CLIError("--workers sizes the local cluster; with --scheduler the cluster is yours: give one of them")
+    options = {name: getattr(args, name) for name in ("preset", "steps", "seed", "device")
+               if getattr(args, name) is not None}
+    options.update(_parse_sets(args.set))
+    common = {"scheduler": args.scheduler, "workers": args.workers, "overwrite": args.overwrite}
+    if args.task:
+        rows = distributed.separate_many(args.inputs, args.output, task=args.task, motion=args.motion, **common,
+                                         **options)
+    else:
+        rows = distributed.fuse_many(args.inputs, args.output, motion=args.motion or "homography", **common,
+                                     **options)
+    counts = {status: sum(row["status"] == status for row in rows) for status in ("done", "skipped", "failed")}
+    print(f"{counts['done']} done, {counts['skipped']} skipped (done before), {counts['failed']} failed; "
+          f"summary in {Path(args.output) / distributed.SUMMARY_CSV}")
+    return EXIT_UNEXPECTED if counts["failed"] else EXIT_OK
 
 
 def _cmd_demo(args) -> int:
