@@ -38,7 +38,8 @@ def markdown(table: dict) -> str:
 
 
 HEADLINE = ("<!-- headline -->", "<!-- /headline -->")
-SECTIONS = ("fusion", "separation", "scaling", "registration", "memory", "diagnostics", "napari")
+SECTIONS = ("fusion", "separation", "scaling", "registration", "memory", "diagnostics", "napari", "distributed",
+            "tiled")
 
 
 def section_block(name: str, text: str) -> str:
@@ -66,6 +67,12 @@ def kept_headline(path: Path) -> str:
     return text[start:end + len(HEADLINE[1])] + "\n"
 
 
+def _tiled(quick: bool, device: str, images):
+    from . import tiled
+
+    return tiled.run(quick, device, images) if "images" in tiled.run.__code__.co_varnames else tiled.run(quick, device)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, short budgets (< 5 min on 2 cores)")
@@ -77,7 +84,7 @@ def main(argv=None) -> int:
                         help=f"comma-separated sections: {', '.join(SECTIONS)}; with a subset, the other sections of "
                              "an existing output file are kept")
     args = parser.parse_args(argv)
-    from . import diagnostics, fusion, memory, napari_gui, registration, scaling, separation
+    from . import diagnostics, distributed, fusion, memory, napari_gui, registration, scaling, separation
 
     info = machine()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
@@ -92,7 +99,9 @@ def main(argv=None) -> int:
             "registration": lambda: registration.run(args.quick, args.device),
             "memory": lambda: memory.run(args.quick, args.device),
             "diagnostics": lambda: diagnostics.run(args.quick, args.device),
-            "napari": lambda: napari_gui.run(args.quick, args.device)}
+            "napari": lambda: napari_gui.run(args.quick, args.device),
+            "distributed": lambda: distributed.run(args.quick, args.device),
+            "tiled": lambda: _tiled(args.quick, args.device, images)}
     by_section = {name: runs[name]() for name in SECTIONS if name in sections}
     tables = [t for name in by_section for t in by_section[name]]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -93,15 +93,20 @@ else:
     elif mode == "cancel":
         widget.steps.value = 20
         widget.run(); wait_for(widget.finished)
+        import threading
         from napari_nir.core import motion
         original = motion.feature_homographies
-        pressed = {}
-        def pressed_in_start(*args, **kwargs):
-            pressed["start"] = time.perf_counter(); widget.cancel()  # as a click while the start runs
+        pressed, reached, clicked = {}, threading.Event(), threading.Event()
+        def held_start(*args, **kwargs):  # the worker enters the start and waits for the click
+            reached.set(); clicked.wait(60)
             return original(*args, **kwargs)
-        motion.feature_homographies = pressed_in_start
+        def click_when_inside():
+            if reached.is_set() and "start" not in pressed:
+                pressed["start"] = time.perf_counter(); widget.cancel(); clicked.set()  # in the GUI thread
+        poll = QTimer(); poll.timeout.connect(click_when_inside); poll.start(5)
+        motion.feature_homographies = held_start
         widget.steps.value = steps
-        widget.run(); wait_for(widget.finished)
+        widget.run(); wait_for(widget.finished); poll.stop()
         out["cancel_start_s"] = time.perf_counter() - pressed["start"]
         motion.feature_homographies = original
         widget.fit_options = {"preview_every": 0}

@@ -25,7 +25,7 @@ STEPS = 25
 
 @pytest.fixture(scope="module")
 def client():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    cluster = batch.local_cluster(2)
     with distributed.Client(cluster) as c:
         yield c
     cluster.close()

@@ -714,14 +714,16 @@ def test_stops_when_the_dock_closes_or_the_layer_goes(make_napari_viewer, qtbot,
 
 def test_cancel_during_the_start_adds_nothing(make_napari_viewer, qtbot, frames, notes, monkeypatch):
     """A cancel while the feature start runs (no progress events yet) ends the run there."""
+    import threading
+
     from napari_nir.core import motion
 
-    reached = []
+    reached, clicked = threading.Event(), threading.Event()
     original = motion.feature_homographies
 
-    def slow_start(*args, **kwargs):  # the start of a large burst: many frames to match
-        reached.append(True)
-        widget.cancel()  # from the worker thread, as a click lands while the start runs
+    def slow_start(*args, **kwargs):  # the start of a large burst: still matching when the click lands
+        reached.set()
+        clicked.wait(TIMEOUT_MS / 1000)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(motion, "feature_homographies", slow_start)
@@ -729,7 +731,10 @@ def test_cancel_during_the_start_adds_nothing(make_napari_viewer, qtbot, frames,
     with qtbot.waitSignal(widget.finished, timeout=TIMEOUT_MS) as done:
         widget.run()
         job = widget._job
-    assert reached and done.args == ["cancelled"]
+        qtbot.waitUntil(reached.is_set, timeout=TIMEOUT_MS)
+        widget.cancel()  # in the GUI thread, while the worker is inside the start
+        clicked.set()
+    assert done.args == ["cancelled"]
     assert job.model is None and job.history == []  # stopped inside the start: no model, no step
     assert _names(viewer) == ["burst"] and not notes["error"]
 

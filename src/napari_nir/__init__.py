@@ -15,7 +15,8 @@ from ._version import __version__
 # takes no torch: a Ctrl-C while torch loads then reaches napari_nir.cli.main, which exits 130 without a traceback.
 _LAZY = {"FusionJob": "core.api", "SeparationJob": "core.api", "fuse": "core.api", "separate": "core.api",
          "convert_transforms": "core.registration", "FusionResult": "core.result", "SeparationResult": "core.result",
-         "load": "core.result", "TASKS": "core.tasks", "ProgressEvent": "core.train", "Stopped": "core.stages"}
+         "load": "core.result", "TASKS": "core.tasks", "ProgressEvent": "core.train", "Stopped": "core.stages",
+         "fuse_many": "distributed", "separate_many": "distributed", "fuse_tiled": "tiled"}
 
 
 def __getattr__(name: str):
@@ -36,6 +37,7 @@ def add_result_to_viewer(viewer, fit, source_name: str = "burst", **kwargs):
 
     return add(viewer, fit, source_name, **kwargs)
 
+
 def run_in_viewer(viewer, layer, task: str = "fuse", **options):
     """Fit a layer in napari without blocking it; returns the run (cancel(), outcome, result). See
     ``napari_nir._widgets.run_in_viewer``."""
@@ -45,4 +47,5 @@ def run_in_viewer(viewer, layer, task: str = "fuse", **options):
 
 
 __all__ = ["__version__", "fuse", "separate", "FusionJob", "SeparationJob", "SeparationResult", "TASKS", "load",
-           "FusionResult", "ProgressEvent", "Stopped", "add_result_to_viewer", "convert_transforms", "run_in_viewer"]
+           "FusionResult", "ProgressEvent", "Stopped", "add_result_to_viewer", "convert_transforms", "run_in_viewer",
+           "fuse_many", "separate_many", "fuse_tiled"]

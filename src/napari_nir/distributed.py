@@ -35,8 +35,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["fuse_many", "separate_many", "named_inputs", "SUMMARY_JSON", "SUMMARY_CSV"]
+__all__ = ["fuse_many", "separate_many", "local_cluster", "named_inputs", "SUMMARY_JSON", "SUMMARY_CSV"]
 
+# Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536 (to hand freed memory back to the system); it
+# also stops glibc from adapting its mmap threshold, so every large tensor of every step was mapped and unmapped
+# again: fits ran 2.3x slower (benchmarks/DECISIONS.md, "many bursts"). The local cluster starts its workers
+# without it; a cluster of your own should too (docs/guide.md, "Many bursts and big images").
+NANNY_TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
 SUMMARY_JSON = "summary.json"
 SUMMARY_CSV = "summary.csv"
 _SUMMARY_FIELDS = ("name", "input", "status", "seconds", "final_psnr_db", "verdict", "error")
@@ -244,10 +249,7 @@ class _cluster:
         if self.scheduler:
             client = Client(self.scheduler)
         else:
-            from distributed import LocalCluster
-
-            count = self.workers or _cores()
-            cluster = LocalCluster(n_workers=count, threads_per_worker=1, processes=True, dashboard_address=None)
+            cluster = local_cluster(self.workers)
             self._made.append(cluster)
             client = Client(cluster)
         self._made.insert(0, client)
@@ -257,6 +259,18 @@ class _cluster:
         for thing in self._made:
             thing.close()
         return False
+
+
+def local_cluster(workers: int | None = None):
+    """The default cluster: a ``dask.distributed.LocalCluster`` of ``workers`` (default: one per core) worker
+    processes with one thread each, started without Dask's MALLOC_TRIM_THRESHOLD_ (``NANNY_TRIM``). Close it when
+    done (``with local_cluster() as cluster, Client(cluster) as client: ...``)."""
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set({NANNY_TRIM: None}):  # None unsets the variable for the workers
+        return LocalCluster(n_workers=workers or _cores(), threads_per_worker=1, processes=True,
+                            dashboard_address=None)
 
 
 def _cores() -> int:

@@ -18,6 +18,12 @@ rigid, similarity, affine): the flow models' per-pixel motion is refused.
 Files: a TIFF is read through tifffile's zarr store; a TIFF written in tiles or strips is read in pieces, one
 whose pages are single strips is read a whole page per window (correct but slow). The output is written to a
 hidden folder beside ``output`` and renamed to it when complete: an interrupted or failed run leaves no output.
+With a dask.distributed client the workers open the input path and write the output folder themselves: both
+must be on a file system they see (an in-memory array travels with every task).
+
+Limitations: the frames are averaged as they are (a per-frame exposure the fit learned is not applied); one
+global motion per frame (a per-tile local motion would need overlapping tiles and blending, module docstring of
+core/tiles.py); the flow models are refused.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import os
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -136,8 +143,10 @@ def fit_downsampled(burst, motion: str = "homography", *, working_size: int = 10
 
     burst: anything ``LazyBurst`` reads. working_size: the longest side of the reduced frames, in px (0: no
     reduction); k = ceil(max(H, W) / working_size), and the reduced frames are (H // k, W // k[, C]) float32 in
-    the input's units, built one band of rows at a time. motion: a matrix motion (homography, translation,
-    rigid, similarity, affine). options: anything ``napari_nir.fuse`` takes (preset, steps, device, seed, ...)."""
+    the input's units, built one band of rows at a time; the fit gets the same ``working_size`` (it overrides
+    the preset's), so it runs on these frames as they are. motion: a matrix motion (homography, translation,
+    rigid, similarity, affine). options: anything else ``napari_nir.fuse`` takes (preset, steps, device, seed,
+    callback, ...)."""
     import napari_nir as nir
 
     if get_motion(motion).alignment != "matrices":
@@ -156,7 +165,7 @@ def fit_downsampled(burst, motion: str = "homography", *, working_size: int = 10
     small = np.stack([
         tiles.downsample_frame(functools.partial(_read_rows, source, t), source.frame_shape, factor, rows_per_read)
         for t in range(source.frames)])
-    return nir.fuse(small, motion, **options), factor
+    return nir.fuse(small, motion, working_size=working_size, **options), factor
 
 
 def _read_rows(source: LazyBurst, t: int, r0: int, r1: int) -> np.ndarray:
@@ -247,11 +256,17 @@ def fuse_tiled(burst, output, *, motion: str = "homography", working_size: int =
                                       chunks=(tile, tile) + tuple(source.frame_shape[2:]),
                                       fill_value=tiles.cast_to(np.array([float(fill)]), source.dtype)[0],
                                       attributes=attributes)
+            target_chunks = _WhilePresent(array, part / "zarr.json")
             if client is not None:
-                da.store(canonical, array, lock=False, scheduler=client)
+                da.store(canonical, target_chunks, lock=False, scheduler=client)
             else:
-                threads = workers or _default_workers(tile, source)
-                da.store(canonical, array, lock=False, scheduler="threads", num_workers=threads)
+                # our own pool, so that a failure waits for the tiles still running before the folder goes
+                with ThreadPoolExecutor(workers or _default_workers(tile, source)) as pool:
+                    try:
+                        da.store(canonical, target_chunks, lock=False, scheduler=pool)
+                    except BaseException:
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        raise
             _replace(part, target, overwrite)
         except BaseException:
             shutil.rmtree(part, ignore_errors=True)
@@ -265,6 +280,20 @@ def fuse_tiled(burst, output, *, motion: str = "homography", working_size: int =
             "fit_seconds": fit_seconds, "seconds": time.perf_counter() - start}
 
 
+class _WhilePresent:
+    """A zarr array that takes tiles only while ``marker`` exists: after a failure removed the unfinished output,
+    a tile still running elsewhere (a dask.distributed worker) does not write it back."""
+
+    def __init__(self, array, marker: Path):
+        self.array, self.marker = array, marker
+        self.shape, self.dtype = array.shape, array.dtype
+
+    def __setitem__(self, key, value) -> None:
+        if not self.marker.exists():
+            raise RuntimeError(f"{self.marker.parent} was removed: the tiled fusion was stopped")
+        self.array[key] = value
+
+
 def _check_tile(tile) -> int:
     if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 16:
         raise ValueError(f"tile must be an integer of at least 16 px (the side of a square tile), got {tile!r}")
@@ -272,7 +301,7 @@ def _check_tile(tile) -> int:
 
 
 def _check_output(output, overwrite: bool) -> Path:
-    target = Path(output)
+    target = Path(os.path.abspath(output))  # absolute: dask.distributed workers may run elsewhere
     if target.suffix != ".zarr":
         raise ValueError(f"the output must be a path ending in .zarr (a zarr array folder), got {target}")
     if not target.parent.is_dir():

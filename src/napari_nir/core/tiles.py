@@ -155,7 +155,7 @@ def fuse_tile(read_window: WindowReader, grid: ReferenceGrid, bounds: tuple[int,
     channels = int(frame_shape[2]) if len(frame_shape) > 2 else 1
     xy = tile_points(bounds)
     total = np.zeros((len(xy), channels), dtype=np.float64)
-    count = np.zeros(len(xy), dtype=np.int64)
+    count = np.zeros(len(xy), dtype=np.int32)
     for t in range(n_frames):
         positions = grid.positions(t, xy)
         inside, window = frame_window(positions, frame_shape)
@@ -200,4 +200,4 @@ def tile_memory(tile: int, channels: int, itemsize: int) -> int:
     most about the tile's size for motions that do not zoom in). An estimate, for choosing how many tiles run at
     once."""
     n = tile * tile
-    return n * (96 + 16 * channels + 2 * channels * itemsize)
+    return n * (128 + 16 * channels + 2 * channels * itemsize)
