@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -117,6 +116,7 @@ def _read_input(item):
 def _one_burst(kind: str, name: str, item, output_dir: str, flags: list[str], overwrite: bool) -> dict:
     """Fit one burst into ``output_dir/name`` through a hidden part folder; never raises: a failure is a row."""
     from .cli import fit_to_folder
+    from .core.result import fsync_folder
 
     started = time.perf_counter()
     final = Path(output_dir) / name
@@ -139,7 +139,7 @@ def _one_burst(kind: str, name: str, item, output_dir: str, flags: list[str], ov
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(part, final)
-        _fsync_dir(Path(output_dir))
+        fsync_folder(output_dir)  # the rename survives a crash
         row.update(status="done", final_psnr_db=found["final_psnr_db"], verdict=found["verdict"])
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - one burst's failure is recorded; the batch goes on
         row["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:2000]
@@ -157,19 +157,6 @@ def _describe(item) -> str:
         return os.fspath(item)
     shape = "x".join(str(int(n)) for n in getattr(item, "shape", ()))
     return f"{type(item).__module__.split('.')[0]}.{type(item).__name__} {shape} {getattr(item, 'dtype', '')}".strip()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- the batch ----------------------------------------------------------------------------------------------
@@ -281,10 +268,13 @@ def _cores() -> int:
 
 
 def _remove_leftovers(out: Path) -> None:
-    """Part folders of a killed batch (and the old sets of an interrupted overwrite): never results."""
+    """Part folders of a killed batch (the old sets of an interrupted overwrite, half-written summaries): never
+    results."""
     for entry in out.iterdir():
         if entry.is_dir() and (_PART.match(entry.name) or re.match(r"^\..+\.old-[0-9a-f]{12}$", entry.name)):
             shutil.rmtree(entry, ignore_errors=True)
+        elif entry.is_file() and re.match(r"^\.summary-[0-9a-f]{12}\.part\.(json|csv)$", entry.name):
+            entry.unlink(missing_ok=True)  # a summary being replaced when the batch was killed
 
 
 def _write_summary(out: Path, rows: dict, order: list[str]) -> None:
@@ -301,14 +291,7 @@ def _write_summary(out: Path, rows: dict, order: list[str]) -> None:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from .io import _atomic
 
+    with _atomic(path, overwrite=True) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")

@@ -466,7 +466,7 @@ class FusionResult:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        _fsync_folder(folder)  # so that the rename itself survives a crash
+        fsync_folder(folder)  # so that the rename itself survives a crash
 
     def _working_shape(self) -> tuple[int, int, int, int]:
         n = self._model.normaliser
@@ -628,7 +628,7 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_folder(folder: str) -> None:
+def fsync_folder(folder: str) -> None:
     """fsync a folder (a rename in it is durable after this); a no-op where folders cannot be opened or synced."""
     try:
         fd = os.open(folder, os.O_RDONLY)
