@@ -687,7 +687,10 @@ def test_gui_stays_responsive_during_a_200_frame_fit(make_napari_viewer, qtbot, 
 
 
 def test_stops_when_the_dock_closes_or_the_layer_goes(make_napari_viewer, qtbot, frames, notes):
-    """Closing the dock or removing the source layer stops a fit within a step: no layers, no preview left."""
+    """Closing the dock, removing the source layer or closing the viewer stops a fit within a step: no layers,
+    no preview left."""
+    import napari_nir
+
     viewer = make_napari_viewer()
     layer = viewer.add_image(frames.copy(), rgb=True, name="burst")
     dock, widget = viewer.window.add_plugin_dock_widget("napari-nir", "Fuse burst")
@@ -710,6 +713,14 @@ def test_stops_when_the_dock_closes_or_the_layer_goes(make_napari_viewer, qtbot,
     assert done.args == ["cancelled"] and _names(viewer) == []
     assert "'burst' was removed" in widget.current_run.message
     assert widget.status.value == widget.current_run.message  # the full text, in the status line too
+
+    # closing the viewer (it removes every layer) stops a console run the same way
+    layer = viewer.add_image(frames.copy(), rgb=True, name="burst")
+    run = napari_nir.run_in_viewer(viewer, layer, steps=3000, device="cpu", **FAST)
+    with qtbot.waitSignal(run.finished, timeout=TIMEOUT_MS) as done:
+        qtbot.waitUntil(lambda: len(run.job.history) > 0, timeout=TIMEOUT_MS)
+        viewer.close()
+    assert done.args == ["cancelled"] and len(run.job.history) < 3000
 
 
 def test_cancel_during_the_start_adds_nothing(make_napari_viewer, qtbot, frames, notes, monkeypatch):
