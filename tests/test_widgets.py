@@ -580,8 +580,7 @@ def test_status_shows_the_stage(make_napari_viewer):
     widget = FuseWidget(viewer)
     widget.steps.value = 10
     job = widget._make_job(layer.data)
-    run = ViewerRun(viewer, FUSE_SPEC, layer, job, frame_scale=(1, 1, 1), frame_shift=(0, 0, 0),
-                    status=widget._show_status)  # not started: its handlers are called by hand
+    run = ViewerRun(viewer, FUSE_SPEC, layer, job, status=widget._show_status)  # not started: handlers by hand
     run._on_yielded(event(3, "scene warm-up"))
     assert widget.status.value.startswith("scene warm-up: step 3/10")
     run._on_yielded(event(4))  # the plain fit: no stage shown

@@ -17,8 +17,8 @@ removed and added wherever possible (napari runs a full garbage collection on ev
 """
 from __future__ import annotations
 
+import functools
 import math
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -53,10 +53,9 @@ def fit_threads() -> int:
 
     (Leaving one core to the GUI made fits 1.3x slower on 2 cores and the GUI no more responsive once the worker
     hands it a few events per second: benchmarks/RESULTS.md "napari".)"""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    from .core.memory import usable_cores
+
+    return usable_cores()
 
 
 def _work(job, should_stop, to_layers, source_name: str, scale, translate, rgb: bool, threads: int):
@@ -101,7 +100,8 @@ class ViewerRun:
     """A validated core job run for ``viewer`` in a thread worker (module docstring).
 
     spec: the widget's ``JobSpec`` (title, verb, past, to_layers). layer: the image layer the job reads (its name
-    names the outputs; its T, Y, X scale and translate place them: ``frame_scale``, ``frame_shift``).
+    names the outputs; the scale and translate of its T, Y, X axes place them). axes: the layer's axes as the job
+    read them (None: a plain burst, T, Y, X last, then an RGB axis when the layer is RGB).
     status(text): called with the status line's text (the widget's label; None: nothing).
 
     ``start()`` starts it (returns self); ``cancel()`` stops it; ``worker``: its thread worker (kept after it ends);
@@ -113,7 +113,7 @@ class ViewerRun:
 
     finished = Signal(str)
 
-    def __init__(self, viewer: napari.viewer.Viewer, spec, layer: Layer, job, *, frame_scale, frame_shift,
+    def __init__(self, viewer: napari.viewer.Viewer, spec, layer: Layer, job, *, axes: str | None = None,
                  status=None, threads: int | None = None):
         self.viewer, self.spec, self.job = viewer, spec, job
         self.source_layer, self.source = layer, layer.name
@@ -123,13 +123,14 @@ class ViewerRun:
         self.message = ""
         self.worker = None
         self._status = status or (lambda text: None)
-        self._frame_scale, self._frame_shift = list(frame_scale), list(frame_shift)
+        picks = [-3, -2, -1] if axes is None else [axes.index(a) for a in "TYX"]  # the layer's T, Y, X
+        self._frame_scale = [layer.scale[i] for i in picks]
+        self._frame_shift = [layer.translate[i] for i in picks]
         self._rgb = bool(getattr(layer, "rgb", False))
         self._cancelled = False
         self._error = False
         self._cancel_reason = ""
-        self._pending: list | None = None  # layer data still to add, one per event-loop turn
-        self._layer_data: list = []
+        self._pending: list | None = None  # the result's layer changes still to make, one per event-loop turn
         self._preview_layer = None
         self._borrowed = None  # (layer, data, scale, translate, contrast limits, name) of a borrowed canonical
         self._last_preview = -math.inf
@@ -253,8 +254,8 @@ class ViewerRun:
         self.result = fit
         self._adopt_preview(layer_data)
         # stale roles first (outlines after a flow fit), then one layer per event-loop turn
-        self._layer_data = layer_data
-        self._pending = [None, *layer_data]
+        self._pending = [functools.partial(remove_stale_layers, self.viewer, self.source, layer_data),
+                         *(functools.partial(add_layer_data, self.viewer, [item]) for item in layer_data)]
         QTimer.singleShot(ADD_PAUSE_MS, self._add_next)
 
     def _adopt_preview(self, layer_data) -> None:
@@ -290,12 +291,9 @@ class ViewerRun:
             self._pending = None
             self._finish_success()
             return
-        item = self._pending.pop(0)
+        change = self._pending.pop(0)
         try:
-            if item is None:
-                remove_stale_layers(self.viewer, self.source, self._layer_data)
-            else:
-                add_layer_data(self.viewer, [item])
+            change()
         except Exception as exc:  # noqa: BLE001 - shown to the user, never only in the terminal
             self._pending = None
             self._notify(show_error, f"the fit finished but its layers could not be added "

@@ -209,6 +209,14 @@ def burst_data(layer: Layer, title: str | JobSpec = "Fuse burst"):
     raise ValueError(f"layer {name!r} has {nd} axes {shape}; {title} accepts {ACCEPTED}.")
 
 
+def layer_burst(layer, axes: str | None, title: str | JobSpec = "Fuse burst"):
+    """The array of ``layer`` a fit reads: the burst as ``burst_data`` checks it when ``axes`` is None
+    (``layer_axes``), else the layer's full-resolution data, which the job reads in those axes."""
+    if axes is None:
+        return burst_data(layer, title)
+    return layer.data[0] if layer.multiscale else layer.data
+
+
 def is_ground_truth(layer) -> bool:
     """A layer the plugin's samples mark as ground truth (``metadata[SAMPLE_KEY]["role"]``)."""
     return (getattr(layer, "metadata", {}).get(SAMPLE_KEY) or {}).get("role") == "ground truth"
@@ -484,18 +492,12 @@ class JobWidget(Container):
             return None
         try:
             axes = layer_axes(layer, getattr(getattr(self, "axes", None), "value", "auto"))
-            if axes is None:
-                data = burst_data(layer, title)
-            else:
-                data = layer.data[0] if layer.multiscale else layer.data
-            job = self._make_job(data, axes)
+            job = self._make_job(layer_burst(layer, axes, title), axes)
         except (ValueError, TypeError) as exc:
             self._refuse(f"{title}: {exc}")
             return None
 
-        picks = [-3, -2, -1] if axes is None else [axes.index(a) for a in "TYX"]  # T, Y, X of the layer
-        run = ViewerRun(self._viewer, self.spec, layer, job, frame_scale=[layer.scale[i] for i in picks],
-                        frame_shift=[layer.translate[i] for i in picks], status=self._show_status)
+        run = ViewerRun(self._viewer, self.spec, layer, job, axes=axes, status=self._show_status)
         run.finished.connect(self._on_run_finished)
         self.current_run = run
         self._set_running(True)
@@ -616,14 +618,12 @@ def run_in_viewer(viewer, layer, task: str = "fuse", *, motion: str | None = Non
         raise TypeError(f"run_in_viewer needs an image layer (or its name), got {type(layer).__name__}")
     spec = FUSE_SPEC if task == "fuse" else SEPARATE_SPEC
     axes = layer_axes(layer, axes or "auto")
-    data = burst_data(layer, spec) if axes is None else (layer.data[0] if layer.multiscale else layer.data)
+    data = layer_burst(layer, axes, spec)
     values = {"motion": motion or (spec.motion_default if task == "fuse" else TASK_DEFAULT), "preset": preset,
               "steps": steps, "device": device, "seed": seed, "axes": axes, "register_on": register_on,
               "task": task}
     job = spec.make_job(data, values, options)
-    picks = [-3, -2, -1] if axes is None else [axes.index(a) for a in "TYX"]
-    return ViewerRun(viewer, spec, layer, job, frame_scale=[layer.scale[i] for i in picks],
-                     frame_shift=[layer.translate[i] for i in picks]).start()
+    return ViewerRun(viewer, spec, layer, job, axes=axes).start()
 
 
 # -- apply a fitted alignment to other layers ---------------------------------------------------------------

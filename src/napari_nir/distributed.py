@@ -117,12 +117,12 @@ def _one_burst(kind: str, name: str, item, output_dir: str, flags: list[str], ov
     """Fit one burst into ``output_dir/name`` through a hidden part folder; never raises: a failure is a row."""
     from .cli import fit_to_folder
     from .core.result import fsync_folder
+    from .io import replace_folder
 
     started = time.perf_counter()
     final = Path(output_dir) / name
     part = Path(output_dir) / f".{name}.part-{uuid.uuid4().hex[:12]}"
-    row = {"name": name, "input": _describe(item), "status": "failed", "seconds": None, "final_psnr_db": None,
-           "verdict": None, "error": None}
+    row = _row(name, item, "failed")
     captured = text_io.StringIO()
     try:
         burst = _read_input(item)
@@ -132,13 +132,7 @@ def _one_burst(kind: str, name: str, item, output_dir: str, flags: list[str], ov
             found = fit_to_folder(kind, burst, part, [*flags, "--quiet"], source=source)
         finally:
             sys.stderr = stderr
-        if final.exists():  # overwrite: the old set leaves only once the new one is complete
-            old = Path(output_dir) / f".{name}.old-{uuid.uuid4().hex[:12]}"
-            os.replace(final, old)
-            os.replace(part, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(part, final)
+        replace_folder(part, final, overwrite=True)  # an old set leaves only once the new one is in place
         fsync_folder(output_dir)  # the rename survives a crash
         row.update(status="done", final_psnr_db=found["final_psnr_db"], verdict=found["verdict"])
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - one burst's failure is recorded; the batch goes on
@@ -150,6 +144,11 @@ def _one_burst(kind: str, name: str, item, output_dir: str, flags: list[str], ov
         shutil.rmtree(part, ignore_errors=True)
     row["seconds"] = round(time.perf_counter() - started, 3)
     return row
+
+
+def _row(name: str, item, status: str, **values) -> dict:
+    """One burst's summary row (``_SUMMARY_FIELDS``): what is not given is None."""
+    return {**dict.fromkeys(_SUMMARY_FIELDS), "name": name, "input": _describe(item), "status": status, **values}
 
 
 def _describe(item) -> str:
@@ -192,8 +191,7 @@ def _run_many(kind, inputs, output_dir, task_flags, options, *, client, schedule
     todo = []
     for name, item in items:
         if (out / name).is_dir() and not overwrite:
-            rows[name] = {"name": name, "input": _describe(item), "status": "skipped", "seconds": 0.0,
-                          "final_psnr_db": None, "verdict": None, "error": "done before (its folder exists)"}
+            rows[name] = _row(name, item, "skipped", seconds=0.0, error="done before (its folder exists)")
         else:
             todo.append((name, item))
     order = [name for name, _ in items]
@@ -203,16 +201,14 @@ def _run_many(kind, inputs, output_dir, task_flags, options, *, client, schedule
         with _cluster(client, scheduler, workers) as active:
             from distributed import as_completed
 
-            futures = [active.submit(_one_burst, kind, name, item, os.fspath(out), flags, overwrite, pure=False,
-                                     key=f"napari-nir-{kind}-{name}-{uuid.uuid4().hex[:8]}")
-                       for name, item in todo]
-            for done_count, future in enumerate(as_completed(futures), start=1):
+            submitted = {active.submit(_one_burst, kind, name, item, os.fspath(out), flags, overwrite, pure=False,
+                                       key=f"napari-nir-{kind}-{name}-{uuid.uuid4().hex[:8]}"): (name, item)
+                         for name, item in todo}
+            for done_count, future in enumerate(as_completed(list(submitted)), start=1):
                 try:
                     row = future.result()
                 except Exception as exc:  # noqa: BLE001 - a worker lost (killed, out of memory): that burst failed
-                    name = todo[futures.index(future)][0]
-                    row = {"name": name, "input": _describe(dict(todo)[name]), "status": "failed", "seconds": None,
-                           "final_psnr_db": None, "verdict": None, "error": f"{type(exc).__name__}: {exc}"}
+                    row = _row(*submitted[future], "failed", error=f"{type(exc).__name__}: {exc}")
                 rows[row["name"]] = row
                 _write_summary(out, rows, order)
                 what = (f"PSNR {row['final_psnr_db']} dB, verdict {row['verdict']}" if row["status"] == "done"
@@ -255,23 +251,18 @@ def local_cluster(workers: int | None = None):
     import dask
     from distributed import LocalCluster
 
+    from .core.memory import usable_cores
+
     with dask.config.set({NANNY_TRIM: None}):  # None unsets the variable for the workers
-        return LocalCluster(n_workers=workers or _cores(), threads_per_worker=1, processes=True,
+        return LocalCluster(n_workers=workers or usable_cores(), threads_per_worker=1, processes=True,
                             dashboard_address=None)
-
-
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def _remove_leftovers(out: Path) -> None:
     """Part folders of a killed batch (the old sets of an interrupted overwrite, half-written summaries): never
     results."""
     for entry in out.iterdir():
-        if entry.is_dir() and (_PART.match(entry.name) or re.match(r"^\..+\.old-[0-9a-f]{12}$", entry.name)):
+        if entry.is_dir() and (_PART.match(entry.name) or re.match(r"^\..+-[0-9a-f]{12}\.old$", entry.name)):
             shutil.rmtree(entry, ignore_errors=True)
         elif entry.is_file() and re.match(r"^\.summary-[0-9a-f]{12}\.part\.(json|csv)$", entry.name):
             entry.unlink(missing_ok=True)  # a summary being replaced when the batch was killed

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import uuid
 from pathlib import Path
 
@@ -425,3 +426,23 @@ def side_by_side(images, *, gap: int = 4) -> np.ndarray:
         canvas[y:y + t.shape[0], x:x + t.shape[1]] = t
         x += t.shape[1] + gap
     return canvas
+
+
+def replace_folder(part: Path, target: Path, overwrite: bool) -> None:
+    """Move the finished folder ``part`` to ``target``; an existing ``target`` (overwrite) is moved aside to a
+    hidden ``.<name>-<id>.old`` first and deleted only once the new one is in place (put back if the move fails).
+    A ``target`` that exists without ``overwrite`` (it appeared while ``part`` was written) is refused."""
+    aside = None
+    if target.exists():
+        if not overwrite:  # appeared while we were writing
+            raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
+        aside = target.parent / f".{target.name}-{uuid.uuid4().hex[:12]}.old"
+        os.replace(target, aside)
+    try:
+        os.replace(part, target)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, target)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink()

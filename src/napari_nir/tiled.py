@@ -40,8 +40,10 @@ import numpy as np
 
 from .core import tiles
 from .core.burst import check_channels_last, check_dtype, check_shape
+from .core.memory import usable_cores
 from .core.motions import get_motion
 from .core.registration import ReferenceGrid
+from .io import replace_folder
 
 __all__ = ["LazyBurst", "fit_downsampled", "full_resolution_grid", "lazy_canonical", "fuse_tiled"]
 
@@ -267,7 +269,7 @@ def fuse_tiled(burst, output, *, motion: str = "homography", working_size: int =
                     except BaseException:
                         pool.shutdown(wait=True, cancel_futures=True)
                         raise
-            _replace(part, target, overwrite)
+            replace_folder(part, target, overwrite)
         except BaseException:
             shutil.rmtree(part, ignore_errors=True)
             raise
@@ -311,29 +313,10 @@ def _check_output(output, overwrite: bool) -> Path:
     return target
 
 
-def _replace(part: Path, target: Path, overwrite: bool) -> None:
-    """Move the finished folder ``part`` to ``target``; an existing ``target`` (overwrite) is moved aside first
-    and deleted only once the new one is in place (put back if the move fails)."""
-    aside = None
-    if target.exists():
-        if not overwrite:  # appeared while we were writing
-            raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
-        aside = target.parent / f".{target.name}-{uuid.uuid4().hex[:12]}.old"
-        os.replace(target, aside)
-    try:
-        os.replace(part, target)
-    except BaseException:
-        if aside is not None:
-            os.replace(aside, target)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink()
-
-
 def _default_workers(tile: int, source: LazyBurst) -> int:
     channels = source.frame_shape[2] if len(source.frame_shape) > 2 else 1
     per_tile = tiles.tile_memory(tile, channels, source.dtype.itemsize)
-    return max(1, min(os.cpu_count() or 1, WORKER_MEMORY // per_tile))
+    return max(1, min(usable_cores(), WORKER_MEMORY // per_tile))
 
 
 def _jsonable(value):

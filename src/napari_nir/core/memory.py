@@ -148,6 +148,14 @@ def _host_available() -> int:
     return int(value if limit is None else min(value, limit))
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the platform tells it, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def available_bytes(device: torch.device | str) -> int:
     """Bytes a fit can still allocate on ``device``.
 

@@ -261,11 +261,11 @@ def transform_points(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return out / den[:, None]
 
 
-def grid_points(shape: tuple[int, int], r0: int = 0, r1: int | None = None) -> np.ndarray:
-    """(N, 2) (col, row) pixel centres of rows r0..r1 of a grid, row-major."""
+def grid_points(shape: tuple[int, int], r0: int = 0, r1: int | None = None, c0: int = 0) -> np.ndarray:
+    """(N, 2) float64 (col, row) pixel centres of rows r0..r1 and columns c0.. of a (rows, cols) grid, row-major."""
     rows, cols = shape
     r1 = rows if r1 is None else r1
-    cc, rr = np.meshgrid(np.arange(cols, dtype=np.float64), np.arange(r0, r1, dtype=np.float64))
+    cc, rr = np.meshgrid(np.arange(c0, cols, dtype=np.float64), np.arange(r0, r1, dtype=np.float64))
     return np.stack([cc.ravel(), rr.ravel()], 1)
 
 

@@ -27,10 +27,10 @@ from collections.abc import Callable
 import numpy as np
 from scipy.ndimage import map_coordinates
 
-from .registration import ReferenceGrid, matrices_grid
+from .registration import ReferenceGrid, grid_points, matrices_grid
 
 __all__ = ["block_factor", "downsampled_shape", "block_mean", "downsample_frame", "upscale_transforms",
-           "full_resolution_grid", "tile_bounds", "tile_points", "frame_window", "fuse_tile", "tile_memory",
+           "full_resolution_grid", "tile_bounds", "frame_window", "fuse_tile", "tile_memory",
            "cast_to"]
 
 # read_window(t, y0, y1, x0, x1) -> frame t's pixels rows y0:y1, cols x0:x1: (y1 - y0, x1 - x0[, C])
@@ -115,13 +115,6 @@ def tile_bounds(grid_shape: tuple[int, int], tile: int) -> list[tuple[int, int, 
             for r0 in range(0, rows, tile) for c0 in range(0, cols, tile)]
 
 
-def tile_points(bounds: tuple[int, int, int, int]) -> np.ndarray:
-    """(N, 2) float64 (col, row) grid pixel centres of a tile (r0, r1, c0, c1), row-major."""
-    r0, r1, c0, c1 = bounds
-    cc, rr = np.meshgrid(np.arange(c0, c1, dtype=np.float64), np.arange(r0, r1, dtype=np.float64))
-    return np.stack([cc.ravel(), rr.ravel()], 1)
-
-
 def frame_window(positions: np.ndarray, frame_shape: tuple[int, ...],
                  margin: int = 1) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
     """Which of (N, 2) (col, row) frame positions fall inside the frame (H, W[, C]), and the window
@@ -153,7 +146,7 @@ def fuse_tile(read_window: WindowReader, grid: ReferenceGrid, bounds: tuple[int,
     Pixels no frame covers are ``fill``. The result does not depend on the tiling (module docstring)."""
     r0, r1, c0, c1 = bounds
     channels = int(frame_shape[2]) if len(frame_shape) > 2 else 1
-    xy = tile_points(bounds)
+    xy = grid_points((r1, c1), r0, r1, c0)  # the tile's pixel centres, (col, row)
     total = np.zeros((len(xy), channels), dtype=np.float64)
     count = np.zeros(len(xy), dtype=np.int32)
     for t in range(n_frames):
