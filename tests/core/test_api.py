@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import napari_nir as nir
 from napari_nir._sample_data import corner_error, homography_burst
@@ -224,3 +225,18 @@ def test_a_stop_during_the_start_ends_the_run_before_its_first_step():
     check_stop()  # outside a run: nothing to stop
     with stop_check(lambda: True), pytest.raises(Stopped):
         check_stop()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fit_matches_the_cpu_fit():
+    """The CUDA path: the same burst and seed fitted on the GPU aligns as well as on the CPU (kernels differ, so
+    the results are close, not identical) and its result lives on the host."""
+    sample = homography_burst(4, (64, 64), seed=5)
+    cpu = nir.fuse(sample.frames, "homography", device="cpu", seed=0, steps=150)
+    gpu = nir.fuse(sample.frames, "homography", device="cuda", seed=0, steps=150)
+    assert gpu.config.device.startswith("cuda")
+    cpu_error = corner_error(cpu.homographies, sample.homographies, (64, 64))
+    gpu_error = corner_error(gpu.homographies, sample.homographies, (64, 64))
+    assert np.median(gpu_error) < max(2 * np.median(cpu_error), 0.1)
+    assert isinstance(gpu.canonical(), np.ndarray)
+    assert abs(gpu.final_psnr - cpu.final_psnr) < 2.0

@@ -171,3 +171,29 @@ def test_robust_start_links_across_a_blank_frame():
         assert np.hypot(*(a[:2] / a[2] - b[:2] / b[2])) < 1.0, t
     assert 2 not in report["features"] + report["phase"] + report["failed"] and 3 not in report["matches"]
     assert np.array_equal(start[2], start[1])
+
+
+def test_match_binary_gives_scikit_images_matches():
+    """The packed-bit matcher returns exactly what match_descriptors(cross_check=True, max_ratio=r) returns:
+    ORB descriptors of a real burst, and random ones with duplicates, odd lengths and single rows."""
+    from skimage.feature import ORB, match_descriptors
+
+    frames = homography_burst(2, (128, 128), seed=3).frames.mean(-1)
+    found = []
+    for frame in frames:
+        orb = ORB(n_keypoints=300, fast_threshold=0.05)
+        orb.detect_and_extract(frame)
+        found.append(orb.descriptors)
+    pairs = [(found[1], found[0], 0.9)]
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        bits = int(rng.integers(1, 300))
+        a = rng.random((int(rng.integers(1, 40)), bits)) < 0.5
+        b = rng.random((int(rng.integers(1, 40)), bits)) < 0.5
+        shared = min(len(a), len(b), 4)
+        b[:shared] = a[:shared]  # exact duplicates: distance 0, ties in the ratio test
+        pairs.append((a, b, (0.9, 1.0, 0.5)[trial % 3]))
+    for a, b, ratio in pairs:
+        expected = match_descriptors(a, b, cross_check=True, max_ratio=ratio)
+        np.testing.assert_array_equal(motion.match_binary(a, b, ratio), expected)
+    assert len(motion.match_binary(found[1], found[0])) > 50

@@ -2,6 +2,9 @@
 state (the deterministic flag, the global generator) as it was. Thread count: recorded and re-used."""
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -81,3 +84,24 @@ def test_thread_count_is_recorded_and_a_rerun_uses_it():
         assert np.array_equal(again.frames(), fit.frames())
     finally:
         torch.set_num_threads(previous)
+
+
+def test_first_fit_settings_import_no_compiler_and_steady_the_heap():
+    """The memory check (meta-device networks) and the CPU fit settings must not import torch._dynamo or
+    torch._inductor (about a second each on a process's first fit); glibc's heap thresholds are set once."""
+    code = (
+        "import sys, numpy as np, torch\n"
+        "from napari_nir.core.api import FusionJob\n"
+        "from napari_nir.core.train import cpu_fit_settings, steady_heap\n"
+        "job = FusionJob(np.random.default_rng(0).random((3, 32, 32)), 'homography')\n"
+        "with cpu_fit_settings(torch.device('cpu')):\n"
+        "    assert torch.are_deterministic_algorithms_enabled()\n"
+        "assert not torch.are_deterministic_algorithms_enabled()\n"
+        "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules), steady_heap())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    imported, heap = out.stdout.strip().rsplit(" ", 1)
+    assert imported == "[]", out.stdout
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert heap == str(glibc), out.stdout

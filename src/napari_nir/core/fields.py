@@ -53,7 +53,9 @@ class GridField(nn.Module):
         self.grids = nn.ParameterList()
         for nx, ny in pyramid_shapes(xmin, xmax, ymin, ymax, levels, coarsest, finest):
             shape = (1, features, depth_cells + 1, ny, nx) if self.dims == 3 else (1, features, ny, nx)
-            self.grids.append(nn.Parameter(1e-4 * torch.randn(*shape)))
+            # in place: the same values as 1e-4 * randn, and on the meta device (the memory estimate) an
+            # out-of-place product would import torch._dynamo (about a second)
+            self.grids.append(nn.Parameter(torch.randn(*shape).mul_(1e-4)))
         width = levels * features
         if hidden > 0:
             self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, out_channels))

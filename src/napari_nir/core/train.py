@@ -7,7 +7,9 @@ for the same seed (``cpu_fit_settings``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
+import platform
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +22,13 @@ from torch import nn
 from .config import FitConfig
 from .stages import stage_at
 
-__all__ = ["ProgressEvent", "fit_steps", "points_per_step", "resolve_device", "cpu_fit_settings"]
+__all__ = ["ProgressEvent", "fit_steps", "points_per_step", "resolve_device", "cpu_fit_settings", "steady_heap"]
+
+# glibc raises its mmap threshold up to 32 MiB as a program frees large blocks, and its trim threshold to twice
+# that; steady_heap() sets both there at once (see its docstring)
+GLIBC_MMAP_THRESHOLD = 32 << 20
+GLIBC_TRIM_THRESHOLD = 64 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 
 
 @dataclass
@@ -150,6 +158,46 @@ def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: t
         yield ProgressEvent(step, o.steps, float(loss.item()), psnr, time.perf_counter() - start, shown, stage.name)
 
 
+_heap_set: bool | None = None  # steady_heap's outcome, once per process
+
+
+def steady_heap() -> bool:
+    """Set glibc's malloc to where its own adaptive rule settles (mmap threshold 32 MiB, trim threshold 64 MiB),
+    once per process; True where set (Linux with glibc), False elsewhere.
+
+    A training step allocates and frees the same few MB-sized activation tensors every step. With glibc's
+    starting thresholds (or a fixed low one, as Dask's nannies set through ``MALLOC_TRIM_THRESHOLD_``) the freed
+    heap top is handed back to the system at the end of a step and faulted in again, page by page, in the next:
+    161 page faults a step and 18-19 % of the step's time on a 9 x 256^2 fit (benchmarks/DECISIONS.md, "steady
+    heap"). The values are the ones glibc reaches by itself once a program has freed a 32 MiB block, so memory
+    freed above 64 MiB at the heap top still goes back to the system; the estimate in memory.py already assumes
+    blocks below 32 MiB stay on the heap.
+    """
+    global _heap_set
+    if _heap_set is not None:
+        return _heap_set
+    _heap_set = False
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            _heap_set = bool(libc.mallopt(_M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD)
+                             and libc.mallopt(_M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD))
+        except (OSError, AttributeError):
+            _heap_set = False
+    return _heap_set
+
+
+def _set_deterministic(mode: bool, warn_only: bool) -> None:
+    """torch.use_deterministic_algorithms without its import of torch._inductor (about a second on a process's
+    first fit; it sets a flag of torch.compile's, which no fit uses); the public call where torch lacks the
+    private one."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        setter(mode, warn_only=warn_only)
+
+
 _SETTINGS_LOCK = threading.Lock()
 _cpu_fits = 0            # CPU fits running in this process (guarded by _SETTINGS_LOCK)
 _saved_deterministic = (False, False)
@@ -163,10 +211,11 @@ def cpu_fit_settings(device: torch.device):
     in a thread-dependent order otherwise, and a seed must give bit-identical results.
     Flush denormals: the grid features start tiny and, with an L1 loss, their updates fall into the
     denormal range, which made CPU steps about twice as slow (benchmarks/DECISIONS.md, "CPU settings").
-    Both are process-wide torch flags. Fits in several threads (two widgets, a widget and the console) share
-    them through a count under a lock: the first fit to start saves the caller's deterministic setting and
-    sets both, the last to end restores it, so overlapping fits never switch the flags under one another and the
-    process is left as it was.
+    The C allocator's thresholds are set once per process (``steady_heap``) and left so.
+    Deterministic algorithms and flushing are process-wide torch flags. Fits in several threads (two widgets, a
+    widget and the console) share them through a count under a lock: the first fit to start saves the caller's
+    deterministic setting and sets both, the last to end restores it, so overlapping fits never switch the flags
+    under one another and the process is left as it was.
     """
     global _cpu_fits, _saved_deterministic
     if device.type != "cpu":
@@ -174,9 +223,10 @@ def cpu_fit_settings(device: torch.device):
         return
     with _SETTINGS_LOCK:
         if _cpu_fits == 0:
+            steady_heap()
             _saved_deterministic = (torch.are_deterministic_algorithms_enabled(),
                                     torch.is_deterministic_algorithms_warn_only_enabled())
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            _set_deterministic(True, warn_only=True)
             torch.set_flush_denormal(True)
         _cpu_fits += 1
     try:
@@ -187,4 +237,4 @@ def cpu_fit_settings(device: torch.device):
             if _cpu_fits == 0:
                 torch.set_flush_denormal(False)  # torch's default; it offers no getter to restore a custom value
                 was, warn_only = _saved_deterministic
-                torch.use_deterministic_algorithms(was, warn_only=warn_only)
+                _set_deterministic(was, warn_only)
