@@ -39,7 +39,7 @@ def markdown(table: dict) -> str:
 
 HEADLINE = ("<!-- headline -->", "<!-- /headline -->")
 SECTIONS = ("fusion", "separation", "scaling", "registration", "memory", "diagnostics", "napari", "distributed",
-            "tiled")
+            "tiled", "speed")
 
 
 def section_block(name: str, text: str) -> str:
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
                         help=f"comma-separated sections: {', '.join(SECTIONS)}; with a subset, the other sections of "
                              "an existing output file are kept")
     args = parser.parse_args(argv)
-    from . import diagnostics, distributed, fusion, memory, napari_gui, registration, scaling, separation
+    from . import diagnostics, distributed, fusion, memory, napari_gui, registration, scaling, separation, speed
 
     info = machine()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
@@ -101,7 +101,8 @@ def main(argv=None) -> int:
             "diagnostics": lambda: diagnostics.run(args.quick, args.device),
             "napari": lambda: napari_gui.run(args.quick, args.device),
             "distributed": lambda: distributed.run(args.quick, args.device),
-            "tiled": lambda: _tiled(args.quick, args.device, images)}
+            "tiled": lambda: _tiled(args.quick, args.device, images),
+            "speed": lambda: speed.run(args.quick, args.device)}
     by_section = {name: runs[name]() for name in SECTIONS if name in sections}
     tables = [t for name in by_section for t in by_section[name]]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

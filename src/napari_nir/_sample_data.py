@@ -15,7 +15,8 @@ import numpy as np
 
 from ._layers import SAMPLE_KEY
 
-SOURCE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera", "brick", "cell")
+SOURCE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "camera", "brick", "cell",
+                 "retina")
 
 
 @dataclass

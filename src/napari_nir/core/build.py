@@ -18,6 +18,7 @@ from scipy.ndimage import median_filter
 from torch import nn
 
 from . import fields
+from .burst import resized_frames, working_shape
 from .config import FitConfig
 from .geometry import Normaliser, frame_bounds
 from .models import MOVING_MARGIN, FusionModel, SeparationModel, interference_density, interference_init
@@ -25,8 +26,9 @@ from .motion import centre_gauge, phase_translations, robust_start
 from .motions import get_motion
 from .stages import Stage, check_stop
 from .tasks import get_task
+from .train import fit_steps
 
-__all__ = ["build_model", "make_model", "initial_homographies", "SEED_LOCK"]
+__all__ = ["build_model", "make_model", "initial_homographies", "aligns_first", "aligned_start", "SEED_LOCK"]
 
 SEED_LOCK = threading.Lock()  # serialises only the seeded draws of model construction (module docstring)
 
@@ -68,6 +70,43 @@ def _feature_start(frames: np.ndarray, config: FitConfig, skip=()) -> tuple[np.n
     return pixel, report["matches"]
 
 
+def aligns_first(config: FitConfig, height: int, width: int) -> bool:
+    """Whether a fit of (height, width) working frames starts with ``aligned_start``: a fusion (no task) whose
+    motion starts from features (not ``init="identity"``) on frames longer than ``align_size`` (> 0)."""
+    size = config.motion.align_size
+    return (size > 0 and max(height, width) > size and not config.task and config.motion.init != "identity"
+            and get_motion(config.motion.model).start == "features")
+
+
+def aligned_start(frames: np.ndarray, config: FitConfig, device: torch.device, init: np.ndarray,
+                  skip=()) -> np.ndarray:
+    """(T, 3, 3) normalised frame -> canonical homographies from a homography fusion of the (T, h, w, C) frames
+    reduced to ``align_size`` on the longer side, started from ``init`` (the feature start).
+
+    An image pyramid's first level: on large frames the full-size fit's fine grid levels come in while the motion
+    is still a pixel or more off, and the fit can settle there (a frame several pixels off its neighbour on a
+    9 x 886^2 panorama, even with 4x the steps); on the reduced frames the same error is a fraction of the finest
+    cell, and the full-size fit starts within a fraction of a pixel (benchmarks/DECISIONS.md, "aligned start").
+    The same options and steps as the fit; checks the stop flag every step. ``init`` itself where the motion
+    has no matrices to hand on (the paper's MLP parameters).
+    """
+
+    _, h, w, _ = working_shape(frames.shape, config.motion.align_size)
+    small = resized_frames(frames, (h, w))
+    sub = config.replace(motion="homography", align_size=0, working_size=0)
+    model = build_model(small, sub, device, start=init, skip=skip)
+    if not hasattr(model.motion, "matrices"):
+        return init
+    weights = None
+    if skip and sub.optimiser.blank_weight < 1.0 and len(skip) < len(frames):
+        weights = np.ones(len(frames))
+        weights[list(skip)] = sub.optimiser.blank_weight
+    for _ in fit_steps(model, small, sub, device, frame_weights=weights):
+        check_stop()
+    with torch.no_grad():
+        return model.motion.matrices().detach().cpu().double().numpy()
+
+
 def build_model(frames: np.ndarray, config: FitConfig, device: torch.device,
                 start: np.ndarray | None = None, skip=()) -> nn.Module:
     """The networks for (T, h, w, C) working frames, seeded by the config's seed.
@@ -84,6 +123,8 @@ def build_model(frames: np.ndarray, config: FitConfig, device: torch.device,
         init = centre_gauge(np.asarray(start, dtype=np.float64))
     elif get_motion(config.motion.model).feature_start(config):
         init, matches = initial_homographies(frames, config, norm, skip)
+        if init is not None and aligns_first(config, h, w):
+            init = aligned_start(frames, config, device, init, skip)
     else:
         init = None
     start = init if init is not None else np.repeat(np.eye(3)[None], t, 0)

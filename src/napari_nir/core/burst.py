@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Burst", "prepare_burst", "working_shape", "working_frames", "check_channels_last", "check_shape",
-           "check_dtype"]
+__all__ = ["Burst", "prepare_burst", "working_shape", "working_frames", "resized_frames", "check_channels_last",
+           "check_shape", "check_dtype"]
 
 MIN_SIZE = 8                 # smallest height/width that can be aligned
 _CHUNK = 1 << 20             # elements per float64 temporary (8 MiB)
@@ -429,9 +429,16 @@ def working_frames(burst: Burst, working_size: int) -> tuple[np.ndarray, float]:
     _, h, w, _ = working_shape(burst.data.shape, working_size)
     if (h, w) == (burst.H, burst.W):
         return burst.data, 1.0
+    return resized_frames(burst.data, (h, w)), w / burst.W
+
+
+def resized_frames(frames: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(T, H, W, C) float32 frames resized to (T, h, w, C): bilinear with anti-aliasing (scikit-image), which keeps
+    the normalised coordinates of geometry.Normaliser: a point has the same (x, y) at both sizes."""
     from skimage.transform import resize  # here: scikit-image's import is slow and most bursts need no resize
 
-    frames = np.empty((burst.T, h, w, burst.C), dtype=np.float32)  # filled frame by frame: no stacked temporaries
-    for t, frame in enumerate(burst.data):
-        frames[t] = resize(frame, (h, w), order=1, anti_aliasing=True)
-    return frames, w / burst.W
+    h, w = shape
+    out = np.empty((len(frames), h, w, frames.shape[3]), dtype=np.float32)  # frame by frame: no stacked temporaries
+    for t, frame in enumerate(frames):
+        out[t] = resize(frame, (h, w), order=1, anti_aliasing=True)
+    return out

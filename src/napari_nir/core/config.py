@@ -47,6 +47,8 @@ class OptimiserOptions:
 
     steps: int = option(400, "optimisation steps", low=1, high=100_000)
     batch: int = option(16384, "pixels per step, drawn uniformly over all frames; -k: H * W / k")
+    batch_ramp: float = option(0.0, "fraction of the run over which the points per step grow from a quarter of batch "
+                                    "to batch (0: the whole batch from the first step)", low=0, high=1)
     lr_field: float = option(0.02, "learning rate of the canonical field (and the interference)", low=0,
                              low_open=True)
     lr_motion: float = option(3e-3, "learning rate of the motion model", low=0, low_open=True)
@@ -91,6 +93,10 @@ class MotionOptions:
         "auto", "start: auto (feature matches when they succeed, else identity), features (required), identity")
     feature_prefilter: int = option(0, "median filter (pixels) on the frames before feature matching (0: none)",
                                     low=0)
+    align_size: int = option(
+        0, "fusion with a feature start on frames longer than this: a first fit of the frames reduced to this size "
+           "aligns them, and the full-size fit starts from its motion (0: off; try 512 where large frames end off "
+           "their neighbours)", low=0)
     polish: int = option(3, "drift motions (translation, rigid, similarity, affine): Gauss-Newton iterations that "
                             "refine every frame's matrix over all its pixels against the canonical view after the "
                             "fit (0: none)", low=0, high=50)

@@ -183,7 +183,8 @@ MOTIONS: dict[str, Motion] = {
             description="one 3x3 projective transform per frame: camera rotation, pans, planar scenes",
             build=lambda config, t, domain, init: _homography_net(config, t, init),
             alignment="matrices", featured_ramp=True,
-            presets={"paper": _paper(3000, -4, "mse", 4)},
+            # fast: the points per step grow over the first 30 % (benchmarks/DECISIONS.md, "batch ramp")
+            presets={"fast": {"batch_ramp": 0.3, "steps": 450}, "paper": _paper(3000, -4, "mse", 4)},
             artefacts=MATRIX_ARTEFACTS, sample="homography_burst",
         ),
         Motion(

@@ -17,7 +17,7 @@ __all__ = ["preset_config", "separation_config", "SEPARATION_PRESET_OPTIONS"]
 # interference to zero mean; the paper preset keeps the official losses (its steps, batch and loss per task are
 # in the task table's ``paper``)
 SEPARATION_PRESET_OPTIONS = {
-    "fast": {"steps": 600, "scene_warmup": 0.3, "exposure": False, "zero_mean_prior": True},
+    "fast": {"steps": 600, "batch_ramp": 0.0, "scene_warmup": 0.3, "exposure": False, "zero_mean_prior": True},
     "paper": {"value_range": (0.0, 1.0), "scene_warmup": 0.0},
 }
 

@@ -79,6 +79,18 @@ def points_per_step(batch: int, height: int, width: int) -> int:
     return batch if batch > 0 else max(1024, (height * width) // -batch)
 
 
+BATCH_RAMP_START = 0.25  # the fraction of ``batch`` a ramped run starts with
+
+
+def batch_at(batch: int, progress: float, ramp: float) -> int:
+    """Points drawn at ``progress`` (in [0, 1]) of a run: ``batch``, or with a ``ramp`` > 0 a linear growth from
+    BATCH_RAMP_START x batch at the start to batch at progress ``ramp``: early steps, which fit coarse levels only,
+    need fewer points than late ones (benchmarks/DECISIONS.md, "batch ramp")."""
+    if ramp <= 0 or progress >= ramp:
+        return batch
+    return max(1, round(batch * (BATCH_RAMP_START + (1 - BATCH_RAMP_START) * progress / ramp)))
+
+
 def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: torch.device,
               start: float | None = None, preview: Callable[[nn.Module], np.ndarray] | None = None,
               frame_weights: np.ndarray | None = None):
@@ -128,11 +140,12 @@ def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: t
             frozen = g.get("name") == "motion" and step <= warmup_steps
             g["lr"] = 0.0 if frozen else base * decay
         model.set_progress(progress, config)
+        points = batch_at(batch, progress, o.batch_ramp)
         if weights is None:
-            flat = torch.randint(t * h * w, (batch,), generator=gen).to(device)
+            flat = torch.randint(t * h * w, (points,), generator=gen).to(device)
         else:
-            frame = torch.multinomial(weights, batch, replacement=True, generator=gen)
-            flat = (frame * (h * w) + torch.randint(h * w, (batch,), generator=gen)).to(device)
+            frame = torch.multinomial(weights, points, replacement=True, generator=gen)
+            flat = (frame * (h * w) + torch.randint(h * w, (points,), generator=gen)).to(device)
         frame_index = flat // (h * w)
         xy = norm.flat_pixels(flat % (h * w))
         pred = model(frame_index, xy)
