@@ -266,8 +266,8 @@ _WARMED: list = []
 
 def _warm_up_imports() -> None:
     """Import the fitting code (``core.api`` and what it pulls in: scikit-image, the renderers, and torch._dynamo,
-    which the memory check's meta-device networks import on first use) and napari's shapes layer in a thread
-    worker once per session, while the user sets up the first run: the first Run click then builds its job
+    which torch.optim's optimisers import when the first fit builds one: 0.9 s) and napari's shapes layer in a
+    thread worker once per session, while the user sets up the first run: the first Run click then builds its job
     without importing anything in the GUI thread (it froze napari for 0.8-1.2 s), and the first result's outlines
     appear without loading modules (0.5 s)."""
     if _WARMED:
@@ -277,11 +277,11 @@ def _warm_up_imports() -> None:
     def work():
         import importlib
 
-        for module in ("napari_nir._layers", "skimage.feature", "skimage.measure"):
+        for module in ("napari_nir._layers", "skimage.feature", "skimage.measure", "torch._dynamo"):
             importlib.import_module(module)
         from .core.api import FusionJob
 
-        # a tiny job: its memory check builds the networks on torch's meta device, which imports torch._dynamo
+        # a tiny job: its memory check builds the networks on torch's meta device (first use of those code paths)
         FusionJob(np.random.default_rng(0).random((2, 16, 16)).astype(np.float32), "homography", device="cpu")
         # the outlines' shapes layer loads some 40 compiled modules on first use (its triangulation): 0.5 s
         from napari.layers import Shapes
