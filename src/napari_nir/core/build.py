@@ -83,14 +83,12 @@ def aligned_start(frames: np.ndarray, config: FitConfig, device: torch.device, i
     """(T, 3, 3) normalised frame -> canonical homographies from a homography fusion of the (T, h, w, C) frames
     reduced to ``align_size`` on the longer side, started from ``init`` (the feature start).
 
-    An image pyramid's first level: on large frames the full-size fit's fine grid levels come in while the motion
-    is still a pixel or more off, and the fit can settle there (a frame several pixels off its neighbour on a
-    9 x 886^2 panorama, even with 4x the steps); on the reduced frames the same error is a fraction of the finest
-    cell, and the full-size fit starts within a fraction of a pixel (benchmarks/DECISIONS.md, "aligned start").
-    The same options and steps as the fit; checks the stop flag every step. ``init`` itself where the motion
-    has no matrices to hand on (the paper's MLP parameters).
+    An image pyramid's first level, for large frames whose full-size fit settles with a frame off its neighbour
+    (reported on a 9 x 886^2 panorama that converged when fitted at 512 px): the full-size fit then starts from
+    the reduced fit's motion. Off by default: on the large bursts we have it changed nothing but the time
+    (benchmarks/DECISIONS.md, "aligned start"). The same options and steps as the fit; checks the stop flag every
+    step. ``init`` itself where the motion has no matrices to hand on (the paper's MLP parameters).
     """
-
     _, h, w, _ = working_shape(frames.shape, config.motion.align_size)
     small = resized_frames(frames, (h, w))
     sub = config.replace(motion="homography", align_size=0, working_size=0)
