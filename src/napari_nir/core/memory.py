@@ -31,6 +31,8 @@ It is checked from the input's shape and dtype before anything is read or copied
 ``frames``       the end-of-fit reconstruction of one frame at input resolution, which builds the frame's
                  full coordinate grid (40 + 8 C bytes per input pixel).
 ``polish``       (drift motions) the frames in the value range and one chunk of the Gauss-Newton refinement.
+``heap``         (CPU, glibc) freed memory the C allocator keeps: up to its trim threshold, 64 MiB, which the
+                 first CPU fit of a process sets (``train.steady_heap``).
 ``overhead``     OVERHEAD_BYTES (a process's first fit loads kernels and modules) + OVERHEAD_FRACTION.
 
 On a CUDA device only what lives on the GPU is counted (not the host copy, resize or frame grid).
@@ -54,7 +56,7 @@ from .geometry import Normaliser
 from .motions import polishes
 from .polish import CHUNK_POINTS as POLISH_CHUNK
 from .render import CHUNK
-from .train import points_per_step
+from .train import GLIBC_TRIM_THRESHOLD, glibc, points_per_step
 
 __all__ = ["available_bytes", "estimate_fit_bytes", "fit_memory_breakdown", "check_fit_memory", "working_shape",
            "format_bytes"]
@@ -240,6 +242,8 @@ def fit_memory_breakdown(shape, config, *, input_shape=None, load_bytes: int = 0
         "polish": _polish_bytes(config, model, frame_bytes, t * h * w, c),
     }
     parts["retained"] = int(parts["activations"] * (_heap_factor(config, batch * widest * 4) - 1))
+    on_cpu = not config.runtime.device.startswith(("cuda", "mps"))
+    parts["heap"] = GLIBC_TRIM_THRESHOLD if on_cpu and glibc() else 0
     parts["overhead"] = int(OVERHEAD_BYTES + OVERHEAD_FRACTION * _peak(parts, _TRANSIENT))
     return parts
 
@@ -247,7 +251,7 @@ def fit_memory_breakdown(shape, config, *, input_shape=None, load_bytes: int = 0
 def _peak(parts: dict, transient: tuple) -> int:
     """Reading the input (its float32 copy made while the loaded array exists), or the fit (the copy, the working
     data, the networks and the largest transient), whichever is larger."""
-    fit = parts["data"] + parts["parameters"] + parts["retained"] + max(parts[k] for k in transient)
+    fit = parts["data"] + parts["parameters"] + parts["retained"] + parts["heap"] + max(parts[k] for k in transient)
     return parts["input"] + max(parts["load"], fit)
 
 

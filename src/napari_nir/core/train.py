@@ -174,6 +174,11 @@ def fit_steps(model: nn.Module, frames: np.ndarray, config: FitConfig, device: t
 _heap_set: bool | None = None  # steady_heap's outcome, once per process
 
 
+def glibc() -> bool:
+    """Whether this process runs on glibc (Linux), where ``steady_heap`` sets the allocator's thresholds."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def steady_heap() -> bool:
     """Set glibc's malloc to where its own adaptive rule settles (mmap threshold 32 MiB, trim threshold 64 MiB),
     once per process; True where set (Linux with glibc), False elsewhere.
@@ -190,7 +195,7 @@ def steady_heap() -> bool:
     if _heap_set is not None:
         return _heap_set
     _heap_set = False
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    if glibc():
         try:
             libc = ctypes.CDLL("libc.so.6")
             _heap_set = bool(libc.mallopt(_M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD)
