@@ -48,6 +48,21 @@ def test_core_has_no_import_cycle():
         visit(module)
 
 
+def test_the_documented_module_order_is_the_import_order():
+    """docs/architecture.md's table lists every core module, each importing only modules listed above it."""
+    import re
+
+    text = (CORE.parents[2] / "docs" / "architecture.md").read_text()
+    section = text[text.index("## Modules and their order"):text.index("## The tables")]
+    listed = re.findall(r"^\| `(\w+)` \|", section, flags=re.M)
+    graph = _graph()
+    assert sorted(listed) == sorted(graph), "the table must list every core module once"
+    above: set[str] = set()
+    for module in listed:
+        assert graph[module] <= above, f"{module} imports {sorted(graph[module] - above)}, listed below it"
+        above.add(module)
+
+
 def test_core_imports_its_own_modules_at_module_level_only():
     hidden = [(p.name, name) for p in CORE.glob("*.py") for name, top in _own_imports(p) if not top]
     assert hidden == [], f"function-level imports of core modules (a cycle being dodged?): {hidden}"
