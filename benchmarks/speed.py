@@ -20,11 +20,9 @@ from napari_nir._sample_data import corner_error, homography_burst
 from napari_nir.core.api import FusionJob
 from napari_nir.core.train import cpu_fit_settings, resolve_device
 
+from .fusion import psnr
+
 TARGET_DB = 30.0
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(-10 * np.log10(max(np.mean((np.asarray(a, np.float64) - b) ** 2), 1e-12)))
 
 
 def _first(history: list[dict], target: float) -> dict | None:
@@ -49,7 +47,7 @@ def time_to_target(quick: bool, device: str) -> dict:
         fast = nir.fuse(sample.frames, "homography", device=device, seed=0)
         fast_wall = time.perf_counter() - t0
         out = fast.frames(dtype="float32")
-        worst = min(_psnr(out[t], sample.frames[t]) for t in range(len(out)))
+        worst = min(psnr(out[t], sample.frames[t]) for t in range(len(out)))
         error = corner_error(fast.homographies, sample.homographies, (size, size))
         fast_hit = _first(fast.history, TARGET_DB)
 

@@ -24,7 +24,7 @@ from .registration import check_transforms, select_for_fit
 from .result import FusionResult, SeparationResult
 from .stages import Stopped, stop_check
 from .tasks import get_task
-from .train import ProgressEvent, cpu_fit_settings, fit_steps, resolve_device
+from .train import ProgressEvent, blank_frame_weights, cpu_fit_settings, fit_steps, resolve_device
 
 
 def _check_common(preset, steps, seed, options) -> tuple[int | None, int]:
@@ -229,12 +229,9 @@ class FusionJob:
         a blank frame drew other frames off by pixels, benchmarks/DECISIONS.md "blank and saturated frames"), 1 for
         the others; None when no frame is blank (uniform draws, as always). Saturated frames are only named: drawn
         less often they aligned worse themselves and the others no better."""
-        weight = self.config.optimiser.blank_weight
-        if not blank or weight == 1.0 or len(blank) == count:
-            return None
-        self.down_weighted = {t: "blank" for t in blank}
-        weights = np.ones(count)
-        weights[blank] = weight
+        weights = blank_frame_weights(count, blank, self.config.optimiser.blank_weight)
+        if weights is not None:
+            self.down_weighted = {t: "blank" for t in blank}
         return weights
 
     def _normalised_start(self) -> np.ndarray | None:

@@ -26,7 +26,7 @@ from .motion import centre_gauge, phase_translations, robust_start
 from .motions import get_motion
 from .stages import Stage, check_stop
 from .tasks import get_task
-from .train import fit_steps
+from .train import blank_frame_weights, fit_steps
 
 __all__ = ["build_model", "make_model", "initial_homographies", "aligns_first", "aligned_start", "SEED_LOCK"]
 
@@ -95,10 +95,7 @@ def aligned_start(frames: np.ndarray, config: FitConfig, device: torch.device, i
     model = build_model(small, sub, device, start=init, skip=skip)
     if not hasattr(model.motion, "matrices"):
         return init
-    weights = None
-    if skip and sub.optimiser.blank_weight < 1.0 and len(skip) < len(frames):
-        weights = np.ones(len(frames))
-        weights[list(skip)] = sub.optimiser.blank_weight
+    weights = blank_frame_weights(len(frames), list(skip), sub.optimiser.blank_weight)
     for _ in fit_steps(model, small, sub, device, frame_weights=weights):
         check_stop()
     with torch.no_grad():

@@ -22,7 +22,8 @@ from torch import nn
 from .config import FitConfig
 from .stages import stage_at
 
-__all__ = ["ProgressEvent", "fit_steps", "points_per_step", "resolve_device", "cpu_fit_settings", "steady_heap"]
+__all__ = ["ProgressEvent", "fit_steps", "points_per_step", "blank_frame_weights", "resolve_device", "cpu_fit_settings",
+           "steady_heap"]
 
 # glibc raises its mmap threshold up to 32 MiB as a program frees large blocks, and its trim threshold to twice
 # that; steady_heap() sets both there at once (see its docstring)
@@ -77,6 +78,16 @@ def resolve_device(device: str) -> torch.device:
 def points_per_step(batch: int, height: int, width: int) -> int:
     """Pixels drawn per training step: ``batch`` when > 0, else H * W / -batch (at least 1024)."""
     return batch if batch > 0 else max(1024, (height * width) // -batch)
+
+
+def blank_frame_weights(count: int, blank, weight: float) -> np.ndarray | None:
+    """(count,) ``fit_steps`` frame weights drawing the ``blank`` frames ``weight`` times as often as the others,
+    or None (uniform draws, as always) when no frame is blank, ``weight`` is 1 or every frame is blank."""
+    if not len(blank) or weight == 1.0 or len(blank) == count:
+        return None
+    weights = np.ones(count)
+    weights[list(blank)] = weight
+    return weights
 
 
 BATCH_RAMP_START = 0.25  # the fraction of ``batch`` a ramped run starts with
