@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 import napari_nir as nir
 from napari_nir._sample_data import corner_error, homography_burst
@@ -46,3 +47,16 @@ def test_large_fusion_starts_from_the_reduced_fit(monkeypatch):
     assert fit.config.motion.align_size == 48  # recorded in the provenance's parameters
     nir.fuse(sample.frames, "homography", seed=0, steps=5)  # the default: off
     assert len(calls) == 1
+
+
+def test_a_start_that_spreads_the_frames_over_many_frame_widths_is_not_believed(monkeypatch):
+    """A wrong start chained into a canonical domain 20 frames wide once asked for 22 GB of grid: the identity
+    start takes over instead, and the domain stays a few frames wide."""
+    sample = homography_burst(3, (32, 32), seed=0)
+    config = preset_config("homography", "fast")
+    sane = build.build_model(sample.frames, config, torch.device("cpu")).domain
+    wild = np.repeat(np.eye(3)[None], 3, 0)
+    wild[2, 0, 2] = 20.0  # normalised units: 10 frame widths to the right
+    monkeypatch.setattr(build, "initial_homographies", lambda frames, config, norm, skip: (wild, {}))
+    domain = build.build_model(sample.frames, config, torch.device("cpu")).domain
+    assert domain[1] - domain[0] < 2 * (sane[1] - sane[0]), (domain, sane)

@@ -197,3 +197,16 @@ def test_match_binary_gives_scikit_images_matches():
         expected = match_descriptors(a, b, cross_check=True, max_ratio=ratio)
         np.testing.assert_array_equal(motion.match_binary(a, b, ratio), expected)
     assert len(motion.match_binary(found[1], found[0])) > 50
+
+
+def test_implausible_feature_links_are_refused():
+    """RANSAC can agree on a wrong homography over repeated texture; a link that zooms the frame 2.4x with strong
+    perspective (one found on a corpus burst of a launch tower) is refused, so the pair falls back."""
+    assert motion.plausible_link(np.eye(3), 192, 192)
+    c, s = np.cos(0.1), np.sin(0.1)
+    assert motion.plausible_link(np.array([[1.05 * c, -s, 12], [s, 1.05 * c, -7], [1e-4, 0, 1]]), 192, 192)
+    wrong = np.array([[2.4419, -0.2398, -83.28], [0.5707, 1.46, -8.961], [0.0082, -0.0025, 1.0]])
+    assert not motion.plausible_link(wrong, 192, 192)
+    behind = np.array([[1, 0, 0], [0, 1, 0], [-0.01, 0, 1.0]])  # the far corners cross the horizon
+    assert not motion.plausible_link(behind, 192, 192)
+    assert not motion.plausible_link(np.diag([0.5, 0.5, 1.0]), 100, 100)  # a quarter of the area

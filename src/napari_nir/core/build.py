@@ -70,6 +70,9 @@ def _feature_start(frames: np.ndarray, config: FitConfig, skip=()) -> tuple[np.n
     return pixel, report["matches"]
 
 
+MAX_SPAN = 8.0  # the widest canonical domain a start may ask for, in frame widths (heights)
+
+
 def aligns_first(config: FitConfig, height: int, width: int) -> bool:
     """Whether a fit of (height, width) working frames starts with ``aligned_start``: a fusion (no task) whose
     motion starts from features (not ``init="identity"``) on frames longer than ``align_size`` (> 0)."""
@@ -122,8 +125,15 @@ def build_model(frames: np.ndarray, config: FitConfig, device: torch.device,
             init = aligned_start(frames, config, device, init, skip)
     else:
         init = None
-    start = init if init is not None else np.repeat(np.eye(3)[None], t, 0)
+    identity = np.repeat(np.eye(3)[None], t, 0)
+    start = init if init is not None else identity
     xmin, xmax, ymin, ymax = frame_bounds(start, norm)
+    fx0, fx1, fy0, fy1 = frame_bounds(identity[:1], norm)
+    if init is not None and (xmax - xmin > MAX_SPAN * (fx1 - fx0) or ymax - ymin > MAX_SPAN * (fy1 - fy0)):
+        # a start that spreads the frames over more than MAX_SPAN frames is a wrong match, not a burst: a canonical
+        # grid that size would not fit in memory; the identity start and the fit's own motion take over
+        init, start, matches = None, identity, {}
+        xmin, xmax, ymin, ymax = fx0, fx1, fy0, fy1
     margin = 0.15 + (0.25 if init is None else 0.0)
     domain = (xmin - margin, xmax + margin, ymin - margin, ymax + margin)
     lo, hi = config.value_range

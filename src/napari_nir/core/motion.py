@@ -199,7 +199,7 @@ def feature_homographies(frames: np.ndarray, *, max_side: int = 512, seed: int =
                 src, dst = keypoints[t][matches[:, 0]], keypoints[t - 1][matches[:, 1]]
                 model, inliers = ransac((src, dst), ProjectiveTransform, min_samples=4,
                                         residual_threshold=2.0 / factor, max_trials=2000, rng=rng)
-                if model is None or inliers is None or inliers.sum() < 10:
+                if model is None or inliers is None or inliers.sum() < 10 or not plausible_link(model.params, w, h):
                     model = None
         if model is None and not links:
             return None
@@ -207,6 +207,29 @@ def feature_homographies(frames: np.ndarray, *, max_side: int = 512, seed: int =
     if links:
         return found
     return _chain([link for link, _, _ in found])
+
+
+MAX_LINK_ZOOM = 2.0  # a link between neighbouring frames that changes the frame's area by more is not believed
+
+
+def plausible_link(link: np.ndarray, width: int, height: int) -> bool:
+    """Whether a (3, 3) pixel homography frame t -> frame t-1 could be a camera's motion between neighbouring
+    frames: every corner of the (width, height) frame stays in front (w > 0), the mapped frame stays convex, and its
+    area changes by at most ``MAX_LINK_ZOOM`` either way. RANSAC can agree on a wrong model over repeated texture
+    (a lattice, a brick wall): such a link, zooming 2.4x with strong perspective, once chained into a canonical
+    domain thousands of frames wide (22 GB of grid); refused, the pair falls back to phase correlation."""
+    corners = np.array([[0, 0, 1], [width - 1, 0, 1], [width - 1, height - 1, 1], [0, height - 1, 1]], float).T
+    q = np.asarray(link, float) @ corners
+    if not np.all(np.isfinite(q)) or np.any(q[2] <= 0):
+        return False
+    x, y = q[0] / q[2], q[1] / q[2]
+    edges = np.stack([np.roll(x, -1) - x, np.roll(y, -1) - y])
+    turns = edges[0] * np.roll(edges[1], -1) - edges[1] * np.roll(edges[0], -1)
+    if not (np.all(turns > 0) or np.all(turns < 0)):
+        return False
+    area = 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+    ratio = area / max((width - 1) * (height - 1), 1)
+    return 1 / MAX_LINK_ZOOM <= ratio <= MAX_LINK_ZOOM
 
 
 def match_binary(first: np.ndarray, second: np.ndarray, max_ratio: float = 0.9) -> np.ndarray:
