@@ -89,13 +89,13 @@ class FakeFit:
         if role == "flow vectors":
             return np.zeros((4, 2, 3), np.float32), {"step": 4}
         if role == "diagnostics":
-            return {"verdict": "good", "reasons": [], "frames": []}, {}
+            return {"verdict": "ok", "reasons": [], "frames": []}, {}
         if role == "residual":
-            return np.zeros((t, h, w), np.float32), {"verdict": "good", "input_pixels_per_pixel": 1.0}
+            return np.zeros((t, h, w), np.float32), {"verdict": "ok", "input_pixels_per_pixel": 1.0}
         raise KeyError(f"FakeFit has no data for the artefact {role!r}")
 
     def diagnostics(self):
-        return SimpleNamespace(verdict="good", reasons=[])
+        return SimpleNamespace(verdict="ok", reasons=[])
 
     def artefacts(self, extent="union", scale=1.0, roles=None):
         out = []
@@ -410,6 +410,10 @@ def test_separate_and_flow_outputs(tmp_path):
     alpha, meta = io.read_tiff(out / "alpha.tif")
     assert alpha.shape == (2, 24, 24) and meta["output"] == "alpha" and meta["parameters"]["task"] == "rain"
     assert meta["convention"] == ARTEFACTS["alpha"].description
+    found = json.loads((out / "diagnostics.json").read_text())  # the separation's own verdict and checks
+    assert found["verdict"] in ("ok", "doubtful") and "interference_share" in found["checks"]
+    residual, _ = io.read_tiff(out / "residual.tif")
+    assert residual.shape == (2, 24, 24)  # (T, H, W) at full size
     src2 = tmp_path / "flow.tif"
     io.write_tiff(src2, flow_burst(2, (24, 24)).frames, {})
     out2 = tmp_path / "flow"
@@ -670,3 +674,14 @@ def test_memory_refusal_comes_from_the_file_header_before_reading(tmp_path, monk
     assert cli.main(["fuse", str(path), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "refused before reading it" in err and "3 x 64 x 64 uint8" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_doubtful_separation_says_so_in_its_json_and_on_the_terminal(tmp_path, capsys):
+    """Frames of independent noise hold no scene: the separation cannot explain them as one, and says so."""
+    src = tmp_path / "noise.tif"
+    io.write_tiff(src, np.random.default_rng(0).uniform(0, 1, (3, 24, 24)).astype(np.float32), {})
+    out = tmp_path / "sep"
+    assert cli.main(["separate", str(src), "--task", "reflection", "-o", str(out), "--steps", "60"]) == 0
+    found = json.loads((out / "diagnostics.json").read_text())
+    assert found["verdict"] == "doubtful" and found["reasons"]
+    assert "verdict: DOUBTFUL" in capsys.readouterr().out

@@ -320,8 +320,8 @@ class ViewerRun:
                 f"({fit.history[-1]['step'] if fit.history else 0} steps, {what}, {fit.config.get('device')}, "
                 f"{self.threads} threads).")
         found = fit.diagnostics()  # computed in the worker with the residual layer
-        if found.verdict == "good":
-            self._notify(show_info, done + " Verdict: good.")
+        if found.verdict == "ok":
+            self._notify(show_info, done + " Verdict: ok.")
         else:  # never a quietly damaged result: say what does not hold, and where to look
             self._notify(show_warning, done + f" Verdict: {found.verdict}: " + " ".join(found.reasons[:3])
                          + (f" (+{len(found.reasons) - 3} more)" if len(found.reasons) > 3 else "")

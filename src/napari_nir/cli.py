@@ -959,12 +959,12 @@ def _report(fit, written: list[Path], outdir: Path) -> None:
         parts.append(f"{seconds:.1f} s")
     print(", ".join(parts))
     found = fit.diagnostics()
-    if found.verdict != "good":
+    if found.verdict != "ok":
         print(f"verdict: {found.verdict.upper()}, the fit may not explain the frames (diagnostics.json, residual.tif):")
         for reason in found.reasons:
             print(f"  - {reason}")
     else:
-        print("verdict: good (diagnostics.json)")
+        print("verdict: ok (diagnostics.json)")
     print(f"wrote {len(written)} files to {outdir}{os.sep}:")
     for path in written:
         print(f"  {path}")

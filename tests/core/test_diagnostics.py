@@ -11,7 +11,7 @@ from napari_nir.core import diagnostics, motion
 
 def test_a_good_fit_is_called_good(small_fit):
     found = small_fit.diagnostics()
-    assert found.verdict == "good", found.reasons
+    assert found.verdict == "ok", found.reasons
     assert found.residual.shape == (5, 64, 64) and found.residual.dtype == np.float32
     assert all(r["shift_px"] == 0.0 for r in found.frames[:-1])
     assert small_fit.diagnostics() is found  # computed once
@@ -82,3 +82,62 @@ def test_match_residuals_see_a_systematic_offset_through_keypoint_noise():
     off[0, 0, 2] = -1.5                                  # a fitted map 1.5 px off
     wrong = diagnostics.match_residuals(off, {1: (dst, src)})[0]
     assert right[0] < 0.2 and abs(wrong[0] - 1.5) < 0.2 and wrong[1] == 200
+
+
+# -- layer separation: the rule on arrays (core/diagnostics.py, separation_diagnostics) ----------------------
+def _separated_arrays(seed=0):
+    """A 4-frame 24 x 24 RGB burst: a textured scene plus a sparse bright interference that changes per frame;
+    a perfect fit's reconstruction, scene and alpha."""
+    rng = np.random.default_rng(seed)
+    scene = rng.uniform(0.2, 0.7, (4, 24, 24, 3)).astype(np.float32)
+    alpha = np.zeros((4, 24, 24), np.float32)
+    for t in range(4):
+        alpha[t, rng.integers(0, 24, 30), rng.integers(0, 24, 30)] = 0.8
+    frames = (1 - alpha[..., None]) * scene + alpha[..., None]
+    return frames, frames.copy(), scene, alpha
+
+
+def test_a_separation_that_explains_its_frames_is_ok():
+    frames, recon, scene, alpha = _separated_arrays()
+    found = diagnostics.separation_diagnostics(frames, recon, scene, alpha, sparse=True, scene_motion_px=4.0)
+    assert found.verdict == "ok" and found["verdict"] == "ok", found.reasons
+    assert found["residual"].shape == (4, 24, 24) and found.residual.dtype == np.float32
+    assert found.summary()["checks"]["interference_share"] < 0.5
+
+
+def test_unexplained_frames_are_named():
+    frames, recon, scene, alpha = _separated_arrays()
+    recon[2, :12] += 0.3  # half of frame 2 is off by 0.3
+    found = diagnostics.separation_diagnostics(frames, recon, scene, alpha, sparse=True, scene_motion_px=4.0)
+    assert found.verdict == "doubtful"
+    assert any("does not explain frame(s) 2" in r for r in found.reasons), found.reasons
+    assert found.residual[2, :12].mean() == pytest.approx(0.3, abs=1e-5)
+
+
+def test_swapped_layers_are_doubtful():
+    frames, recon, scene, alpha = _separated_arrays()
+    flat = np.full_like(scene, 0.5)  # the "scene" is flat, the "interference" took the picture
+    found = diagnostics.separation_diagnostics(frames, recon, flat, None, sparse=False, scene_motion_px=4.0)
+    assert found.verdict == "doubtful" and any("swapped" in r for r in found.reasons), found.reasons
+
+
+def test_an_obstruction_that_covers_most_of_the_frame_is_doubtful():
+    frames, recon, scene, alpha = _separated_arrays()
+    dense = np.full_like(alpha, 0.9)
+    found = diagnostics.separation_diagnostics(frames, recon, scene, dense, sparse=True, scene_motion_px=4.0)
+    assert any("sparse" in r for r in found.reasons), found.reasons
+    assert not diagnostics.separation_diagnostics(frames, recon, scene, dense, sparse=False,
+                                                  scene_motion_px=4.0).reasons  # not asked of a non-sparse task
+
+
+def test_layers_that_do_not_move_cannot_be_told_apart():
+    frames, recon, scene, alpha = _separated_arrays()
+    alpha[:] = alpha[0]  # the same interference in every frame ...
+    frames = (1 - alpha[..., None]) * scene[:1] + alpha[..., None]
+    scene = np.repeat(scene[:1], 4, 0)
+    still = diagnostics.separation_diagnostics(frames, frames, scene, alpha, sparse=True, scene_motion_px=0.1)
+    assert any("neither layer moves" in r for r in still.reasons), still.reasons
+    moving = diagnostics.separation_diagnostics(frames, frames, scene, alpha, sparse=True, scene_motion_px=3.0)
+    assert moving.verdict == "ok", moving.reasons  # ... is fine when the scene moves under it
+    empty = diagnostics.separation_diagnostics(frames, frames, frames, alpha * 0, sparse=True, scene_motion_px=0.1)
+    assert empty.verdict == "ok", empty.reasons  # nothing moves and nothing was taken out: the input, unharmed

@@ -1,12 +1,14 @@
 """Layer separation: the task table, outputs, presets and a small quality check."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 
 import napari_nir as nir
-from napari_nir._sample_data import separation_burst
+from napari_nir._sample_data import homography_burst, separation_burst
 from napari_nir.core import tasks
 from napari_nir.core.burst import prepare_burst
 from napari_nir.core.presets import separation_config
@@ -45,7 +47,7 @@ def test_motion_override_and_save_load(tmp_path):
     sep.save(tmp_path / "sep.npz")
     loaded = nir.load(tmp_path / "sep.npz")
     assert isinstance(loaded, nir.SeparationResult) and loaded.task == "reflection"
-    np.testing.assert_array_equal(loaded.layers()["interference"], sep.layers()["interference"])
+    np.testing.assert_array_equal(loaded.layers(networks_only=True)["interference"], sep.layers()["interference"])
 
 
 def test_adding_a_task_is_one_entry(monkeypatch):
@@ -254,7 +256,7 @@ def test_rigid_layer_survives_save_and_load(tmp_path):
     assert sep.interference_homographies.shape == (3, 3, 3)
     sep.save(tmp_path / "rigid.npz")
     loaded = nir.load(tmp_path / "rigid.npz")
-    np.testing.assert_array_equal(loaded.layers()["interference"], sep.layers()["interference"])
+    np.testing.assert_array_equal(loaded.layers(networks_only=True)["interference"], sep.layers()["interference"])
     np.testing.assert_allclose(loaded.interference_homographies, sep.interference_homographies)
 
 
@@ -281,3 +283,113 @@ def test_the_papers_model_keeps_its_saved_state_without_rigid_layer_entries():
     rigid = nir.separate(frames, "reflection", steps=2, device="cpu", interference_motion="homography")
     assert {"rigid_on", "free_on", "rigid_score"} <= set(rigid._model.state_dict())
     assert "free_init" not in rigid._model.state_dict()
+
+
+# -- do no harm and the verdict (issue 13): small crops, both directions ------------------------------------
+def _psnr(a, b, additive: bool) -> float:
+    """PSNR dB; additive tasks leave a constant free between the layers, so their scene is DC-matched per frame and
+    channel first (benchmarks/separation_corpus.py scores the same way)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if additive:
+        a = a - a.mean(axis=(1, 2), keepdims=True) + b.mean(axis=(1, 2), keepdims=True)
+    return float(-10 * np.log10(np.mean((a - b) ** 2)))
+
+
+@functools.cache
+def _clean_burst_separated(task):
+    """A 4 x 48 x 48 burst with nothing to remove (1 % noise), separated by ``task`` with 150 steps (fewer than the
+    preset: the promise must not rest on a long fit): (scene PSNR, input PSNR, diagnostics) against the noiseless
+    frames."""
+    sample = homography_burst(4, (48, 48), seed=5, noise=0.01, translation=0.04, rotation_deg=2, scale=0.02,
+                              perspective=0.01)
+    sep = nir.separate(sample.frames, task, steps=150, seed=0, preview_every=0)
+    scene = sep.layers(dtype="float32")["scene"]
+    additive = task in ("reflection", "moire")
+    return _psnr(scene, sample.clean, additive), _psnr(sample.frames, sample.clean, additive), sep.diagnostics()
+
+
+@pytest.mark.xfail(strict=True, reason="not met (issue 13): at 48^2 every task's scene reads 31.6-34.4 dB against "
+                                       "the noisy input's 40.0 dB and the verdict says ok: the interference takes "
+                                       "scattered scene detail (rain: alpha mean 0.036 on a burst without rain), "
+                                       "which no check of the layers alone can tell from interference; "
+                                       "benchmarks/RESULTS.md's corpus section has the full-size figures")
+@pytest.mark.parametrize("task", list(nir.TASKS))
+def test_a_burst_without_interference_is_never_made_worse_silently(task):
+    """Do no harm, the brief's form: a scene worse than the input (by more than 0.5 dB against the noiseless
+    frames) carries a doubtful verdict that says so; the issue's form (>= input - 0.5 dB and ok) implies it."""
+    ours, given, found = _clean_burst_separated(task)
+    assert found["residual"].shape == (4, 48, 48)
+    assert ours >= given - 0.5 or found.verdict == "doubtful", (ours, given, found.reasons)
+
+
+@pytest.mark.parametrize("task", list(nir.TASKS))
+def test_frames_of_independent_noise_are_doubtful(task):
+    """No scene at all (every frame independent noise): whatever the layers take, the verdict says it is not a
+    separation."""
+    frames = np.random.default_rng(1).uniform(0, 1, (3, 32, 32)).astype(np.float32)
+    found = nir.separate(frames, task, steps=60, seed=0, preview_every=0).diagnostics()
+    assert found.verdict == "doubtful" and found.reasons
+
+
+def test_an_obstruction_that_covers_the_view_is_doubtful():
+    """Layers mixed up on purpose: the "obstruction" is a second photograph covering the whole view (alpha 0.7),
+    moving differently from the scene. A fence fit either takes it as a dense alpha or cannot explain it."""
+    rng = np.random.default_rng(2)
+    scene = homography_burst(4, (48, 48), seed=2, translation=0.03).frames
+    cover = homography_burst(4, (48, 48), image="coffee", seed=3, translation=0.12).frames
+    frames = (0.3 * scene + 0.7 * cover + rng.normal(0, 0.005, scene.shape)).astype(np.float32)
+    found = nir.separate(frames, "fence", steps=150, seed=0, preview_every=0).diagnostics()
+    assert found.verdict == "doubtful", found.summary()["checks"]
+
+
+def test_detail_transfer_gives_back_what_the_networks_miss(tmp_path):
+    """layers(networks_only=True) is the networks' own scene; with detail_transfer 1 (and no other rule) the scene
+    adds the gated residual, so the scene of a short fit is closer to the frames; a loaded result keeps no input
+    and says so."""
+    sample = homography_burst(3, (40, 40), seed=1, translation=0.03)
+    sep = nir.separate(sample.frames, "rain", steps=40, seed=0, preview_every=0, detail_transfer=1.0,
+                       scene_consensus=False, thick_alpha_guard=False)
+    networks = sep.layers(dtype="float32", networks_only=True)["scene"]
+    given_back = sep.layers(dtype="float32")["scene"]
+    assert np.abs(given_back - sample.frames).mean() < 0.5 * np.abs(networks - sample.frames).mean()
+    with pytest.raises(ValueError, match="detail_transfer"):
+        nir.separate(sample.frames, "rain", steps=2, detail_transfer=1.5)
+    sep.save(tmp_path / "sep.npz")
+    loaded = nir.load(tmp_path / "sep.npz")
+    with pytest.raises(ValueError, match="loaded from a file"):
+        loaded.layers()
+    assert np.allclose(loaded.layers(dtype="float32", networks_only=True)["scene"], networks, atol=1e-5)
+
+
+def test_the_thick_alpha_guard_keeps_blobs_not_wires():
+    """core/guard.py: thin wires of any width common to the burst are not kept; a blob far thicker is, with its
+    margin."""
+    from napari_nir.core import guard
+
+    alpha = np.zeros((2, 80, 80), np.float32)
+    alpha[:, :, ::10] = 1.0   # 1-px wires
+    alpha[:, :, 1::10] = 1.0  # ... 2 px wide
+    alpha[1, 30:50, 30:50] = 0.9  # a 20 x 20 blob in frame 1
+    kept, radius = guard.thick_alpha(alpha)
+    assert radius == guard.MIN_RADIUS
+    assert not kept[0].any()
+    assert kept[1, 30:50, 30:50].all() and kept[1, 28, 40] and not kept[1, 5:25, 5:25].any()
+    wide = np.zeros((1, 120, 120), np.float32)
+    wide[:, :, np.arange(120) % 20 < 6] = 1.0  # 6-px wires: the radius grows with them, so they are not kept
+    kept, radius = guard.thick_alpha(wide)
+    assert radius > guard.MIN_RADIUS and not kept.any()
+
+
+def test_the_scene_consensus_gives_back_only_what_every_frame_removes_alike():
+    """core/guard.py: a removal that sits at the same scene point in every frame is scene; one that does not is
+    interference and stays removed."""
+    from napari_nir.core import guard
+
+    shifts = np.repeat(np.eye(3)[None], 3, 0)
+    shifts[:, 0, 2] = [0.0, 2.0, 4.0]  # frame t pixel -> reference pixel: x + 2t
+    removed = np.zeros((3, 20, 30, 1), np.float32)
+    for t in range(3):
+        removed[t, 8:12, 14 - 2 * t:18 - 2 * t] = 0.2  # the same scene point in every frame
+    removed[1, 2, 3] = 0.5  # a streak in frame 1 only
+    back = guard.scene_consensus(removed, shifts)
+    assert np.allclose(back[1, 8:12, 12:16], 0.2) and back[1, 2, 3] == 0

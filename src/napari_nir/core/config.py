@@ -135,6 +135,17 @@ class SeparationOptions:
                                         factory=dict)
     interference_density: float = option(0.0, "finest cells per pixel of a grid interference (0: grid_density)",
                                          low=0)
+    detail_transfer: float = option(
+        0.0, "how much of what the fit leaves unexplained (frame - reconstruction) goes back into each frame's "
+             "scene where the interference leaves it visible (1: all of it; 0: the scene as the networks render "
+             "it, the paper)", low=0, high=1)
+    scene_consensus: bool = option(
+        False, "give back to each frame's scene what the other frames remove at the same scene point (scene detail "
+               "the interference soaked up; interference does not move with the scene); matrix scene motions only "
+               "(core/guard.py)")
+    thick_alpha_guard: bool = option(
+        False, "fence, rain: where the alpha forms blobs much thicker than the burst's wires or streaks (something "
+               "else soaked up: an object moving by itself), the scene keeps the frame's own values (core/guard.py)")
     interference_motion: Literal["none", "homography", "auto"] = option(
         "none", "none: the interference is free in every frame (the paper); homography: plus a layer moving "
                 "rigidly by homographies of its own; auto: that layer where the residuals show one")

@@ -17,7 +17,7 @@ each reconstructed well (the field has room for all of them), so the reconstruct
 - **unusable frames**: blank (almost no contrast) or saturated (a large part clipped at the burst's extremes);
 - **residual**: the per-frame mean absolute residual of the reconstruction, against the burst's median.
 
-Any finding makes the verdict "doubtful"; none, "good". The thresholds are physical (pixels, fractions), not
+Any finding makes the verdict "doubtful"; none, "ok". The thresholds are physical (pixels, fractions), not
 tuned on a sample; their check is tests/core/test_diagnostics.py and benchmarks/diagnostics.py.
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.ndimage import map_coordinates
 
-__all__ = ["Diagnostics", "alignment_diagnostics", "unusable_frames", "reduce_frames", "correlation",
-           "match_residuals", "DIAGNOSTIC_SIDE"]
+__all__ = ["Diagnostics", "alignment_diagnostics", "separation_diagnostics", "SEPARATION_THRESHOLDS",
+           "unusable_frames", "reduce_frames", "correlation", "match_residuals", "DIAGNOSTIC_SIDE"]
 
 DIAGNOSTIC_SIDE = 256       # frames are reduced (block means) to at most this many pixels per side
 PAIR_SHIFT_PX = 2.0         # remaining shift between aligned neighbours, input pixels
@@ -44,7 +44,7 @@ BLANK_CONTRAST = 0.02       # frame standard deviation below this fraction of th
 
 @dataclass
 class Diagnostics:
-    """verdict: "good" or "doubtful"; reasons: one sentence per finding; frames: one dict per frame (psnr_db,
+    """verdict: "ok" or "doubtful"; reasons: one sentence per finding; frames: one dict per frame (psnr_db,
     residual, and for t < T-1 the pair (t, t+1): shift_px, overlap, correlation); residual: (T, h, w) float32
     mean absolute residual over channels in working units [0, 1], on frames reduced by ``scale`` (reduced
     pixels per input pixel); unusable: {frame: "blank" | "saturated"}."""
@@ -55,9 +55,23 @@ class Diagnostics:
     residual: np.ndarray = field(repr=False)
     scale: float
     unusable: dict[int, str]
+    checks: dict | None = None  # separation: the measured quantities behind the verdict
+
+    def __getitem__(self, key: str):
+        """Mapping access to the fields: ``found["verdict"]``, ``found["reasons"]``, ``found["residual"]``."""
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def keys(self):
+        return self.__dataclass_fields__.keys()
 
     def summary(self) -> dict:
         """JSON-able: everything but the residual map."""
+        if self.checks is not None:
+            return {"verdict": self.verdict, "reasons": list(self.reasons), "frames": self.frames,
+                    "checks": self.checks, "residual_scale": self.scale,
+                    "thresholds": dict(SEPARATION_THRESHOLDS)}
         return {"verdict": self.verdict, "reasons": list(self.reasons), "frames": self.frames,
                 "unusable_frames": {str(k): v for k, v in self.unusable.items()},
                 "residual_scale": self.scale,
@@ -192,4 +206,107 @@ def alignment_diagnostics(frames: np.ndarray, rendered: np.ndarray, pair_maps: n
         if t not in unusable and typical_residual > 0 and mean_residual[t] > RESIDUAL_RATIO * typical_residual:
             reasons.append(f"frame {t} is explained {mean_residual[t] / typical_residual:.1f}x worse than the median "
                            f"frame (mean residual {mean_residual[t]:.3f})")
-    return Diagnostics("doubtful" if reasons else "good", reasons, rows, residual, 1.0 / k, unusable)
+    return Diagnostics("doubtful" if reasons else "ok", reasons, rows, residual, 1.0 / k, unusable)
+
+
+# -- layer separation -----------------------------------------------------------------------------------------
+UNEXPLAINED_LEVEL = 0.1     # a pixel is unexplained when |frame - reconstruction| exceeds this (working units)
+UNEXPLAINED_FRACTION = 0.2  # ... and a frame is unexplained when more than this fraction of its pixels are
+INTERFERENCE_SHARE = 0.5    # the interference carries more than this share of the frames' variance: swapped?
+COVERAGE = 0.5              # an obstruction or rain alpha above 1/2 on more than this fraction of the pixels
+STILL_PX = 0.5              # the scene moves less than this (input pixels) over the burst ...
+STILL_VARIATION = 0.2       # ... and the interference changes by less than this fraction of its own size
+CLAIMED = 0.01              # mean |interference contribution| below this: the fit found no interference
+KEPT_FRACTION = 0.01        # pixels keeping the frame's own values (core/guard.py)
+DENSE_REMOVAL = 0.01        # sparse tasks: the median pixel's |frame - scene| above this (working units)
+SEPARATION_THRESHOLDS = {"unexplained_level": UNEXPLAINED_LEVEL, "unexplained_fraction": UNEXPLAINED_FRACTION,
+                         "interference_share": INTERFERENCE_SHARE, "coverage": COVERAGE, "still_px": STILL_PX,
+                         "still_variation": STILL_VARIATION, "claimed": CLAIMED, "kept_fraction": KEPT_FRACTION,
+                         "dense_removal": DENSE_REMOVAL}
+
+
+def separation_diagnostics(frames: np.ndarray, reconstruction: np.ndarray, scene: np.ndarray,
+                           alpha: np.ndarray | None, *, sparse: bool, scene_motion_px: float | None,
+                           kept: np.ndarray | None = None) -> Diagnostics:
+    """Does a layer separation explain its frames, and does it look like one?
+
+    frames, reconstruction, scene: (T, H, W, C) working units [0, 1]: the input, the networks' recomposed
+    frames and the scene as returned (after detail transfer); alpha: (T, H, W) for compositing tasks, else None;
+    sparse: the task expects a sparse alpha (fence, rain); scene_motion_px: how far the scene's frame corners
+    move over the burst in input pixels (None for flow scenes: not checked); kept: (T, H, W) bool, pixels where
+    the scene keeps the frame's own values (core/guard.py), or None. Findings, each making the verdict "doubtful":
+
+    - **unexplained frames**: more than ``UNEXPLAINED_FRACTION`` of a frame's pixels differ from the
+      reconstruction by more than ``UNEXPLAINED_LEVEL``: the formation model does not hold there (things that
+      move by themselves, a wrong motion, an interference the task does not describe); such pixels keep the
+      frame's own values in the scene (detail transfer), so the interference there stays too;
+    - **swapped layers**: what the result takes out of the frames (frame - scene) carries more than
+      ``INTERFERENCE_SHARE`` of their variance: the "interference" holds most of the picture;
+    - **not sparse**: an obstruction or rain alpha above 1/2 on more than ``COVERAGE`` of the pixels;
+    - **dense removal** (sparse tasks): the median pixel's |frame - scene| exceeds ``DENSE_REMOVAL``: where the
+      interference should touch few pixels, the scene differs from the frames nearly everywhere, so it is smoother
+      than they are (detail or noise went into the interference) and may be worse than the input;
+    - **kept pixels**: more than ``KEPT_FRACTION`` of the pixels keep the frame's values because the alpha formed
+      blobs there (core/guard.py): the interference stays in those pixels;
+    - **nothing moves**: the scene moves less than ``STILL_PX`` over the burst while the interference the fit
+      claims (at least ``CLAIMED`` on average) barely changes between frames (``STILL_VARIATION``): two layers
+      that move alike cannot be told apart, so the split between them is arbitrary.
+
+    A burst without interference, whose scene the fit explains, passes every check: its interference is empty.
+    The thresholds are physical fractions of the burst's range and pixels, set before any corpus run
+    (benchmarks/separation.py counts the verdicts on the held-out corpus).
+    """
+    t_count = len(frames)
+    error = frames - reconstruction
+    residual = np.abs(error).mean(-1).astype(np.float32)
+    mse = (error.astype(np.float64) ** 2).mean(axis=(1, 2, 3))
+    unexplained = (residual > UNEXPLAINED_LEVEL).mean(axis=(1, 2))
+    rows = [{"frame": t, "psnr_db": round(float(-10 * np.log10(max(mse[t], 1e-12))), 2),
+             "residual": round(float(residual[t].mean()), 5), "unexplained": round(float(unexplained[t]), 4)}
+            for t in range(t_count)]
+    taken = frames - scene
+    variance = float(frames.reshape(-1, frames.shape[-1]).var(0).sum())
+    share = float(taken.reshape(-1, taken.shape[-1]).var(0).sum()) / variance if variance > 0 else 0.0
+    claimed = float(np.abs(taken).mean())
+    variation = float(taken.std(0).mean()) / claimed if claimed > 0 else 0.0
+    checks = {"unexplained_fraction": round(float(unexplained.mean()), 4), "interference_share": round(share, 4),
+              "interference_mean": round(claimed, 5), "interference_variation": round(variation, 4),
+              "scene_motion_px": None if scene_motion_px is None else round(scene_motion_px, 3)}
+    reasons = []
+    bad = [t for t in range(t_count) if unexplained[t] > UNEXPLAINED_FRACTION]
+    if bad:
+        worst = max(bad, key=lambda t: unexplained[t])
+        reasons.append(f"the fit does not explain frame(s) {', '.join(map(str, bad))}: up to "
+                       f"{100 * unexplained[worst]:.0f} % of a frame's pixels differ from the reconstruction by more "
+                       f"than {100 * UNEXPLAINED_LEVEL:.0f} % of the range (see the residual); the scene keeps the "
+                       "frame's own values there, interference included")
+    if share > INTERFERENCE_SHARE:
+        reasons.append(f"the interference holds {100 * share:.0f} % of the frames' variance, more than the scene: "
+                       "the layers may be swapped")
+    if alpha is not None and sparse:
+        coverage = float((alpha > 0.5).mean())
+        checks["alpha_coverage"] = round(coverage, 4)
+        if coverage > COVERAGE:
+            reasons.append(f"the interference covers {100 * coverage:.0f} % of the pixels (alpha > 1/2), where the "
+                           "task expects it sparse: the layers may be swapped or the task may be the wrong one")
+    if sparse:
+        typical = float(np.median(np.abs(taken).mean(-1)))
+        checks["median_removal"] = round(typical, 5)
+        if typical > DENSE_REMOVAL:
+            reasons.append(f"the scene differs from the frames by {100 * typical:.1f} % of the range at the median "
+                           "pixel, where the interference should touch few pixels: the scene is smoother than the "
+                           "frames (detail or noise went into the interference) and may be worse than the input")
+    if kept is not None:
+        fraction = float(np.mean(kept))
+        checks["kept_fraction"] = round(fraction, 4)
+        if fraction > KEPT_FRACTION:
+            reasons.append(f"{100 * fraction:.1f} % of the pixels keep the frame's own values, interference included: "
+                           "there the alpha forms blobs, not wires or streaks (an object moving by itself, or a scene "
+                           "the motion model does not hold)")
+    if (scene_motion_px is not None and scene_motion_px < STILL_PX and claimed >= CLAIMED
+            and variation < STILL_VARIATION):
+        reasons.append(f"neither layer moves between the frames (scene {scene_motion_px:.2f} px, interference "
+                       f"changing by {100 * variation:.0f} % of its size): layers that move alike cannot be told "
+                       "apart, so the split between them is arbitrary")
+    unusable = unusable_frames(frames.mean(-1))
+    return Diagnostics("doubtful" if reasons else "ok", reasons, rows, residual, 1.0, unusable, checks)

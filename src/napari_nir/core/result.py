@@ -18,7 +18,7 @@ import torch
 
 from .._version import __version__
 from . import diagnostics as diagnostics_module
-from . import registration, render
+from . import guard, registration, render
 from .build import make_model
 from .burst import Burst
 from .config import FitConfig
@@ -292,7 +292,7 @@ class FusionResult:
         return registration.convert_transforms(m, "napari-nir", convention)
 
     def diagnostics(self) -> diagnostics_module.Diagnostics:
-        """Does the fit explain its frames? A verdict ("good" or "doubtful"), one sentence per finding, a table per
+        """Does the fit explain its frames? A verdict ("ok" or "doubtful"), one sentence per finding, a table per
         frame and a (T, h, w) residual map on frames reduced to at most 256 px (core/diagnostics.py says what is
         checked: neighbours that still disagree after alignment, weak overlaps, blank or saturated frames, frames
         explained worse than the rest). Computed once, on demand. Needs the input: not after ``load``."""
@@ -517,34 +517,120 @@ class SeparationResult(FusionResult):
                 out[start:start + len(chunk)] = self._model.rigid_layer_at(chunk).cpu().numpy()
         return b.restore(out.reshape(b.H, b.W, b.C), dtype=dtype)
 
-    def layers(self, *, dtype: str = "input") -> dict[str, np.ndarray]:
-        """{"scene", "interference"[, "alpha"]}: (T, H, W[, C]) in the burst's layout, units and dtype.
-
-        "alpha" (fence, rain) is (T, H, W) float32 in [0, 1]. Additive interference (reflection, moire) is
-        its contribution on a black background: value * range + burst minimum (negative moire values clip
-        for integer dtypes; ask for dtype="float32" to keep them).
-        """
+    def _rendered_layers(self) -> dict[str, np.ndarray]:
+        """The networks' layers at every input pixel, once: "scene" and "reconstruction" (T, H, W, C) in working
+        units, "interference" (T, H, W, C) as the task composes it, "alpha" (T, H, W) for compositing tasks, and
+        "gate" (T, H, W, 1) where the residual may return to the scene (``Task.detail_gate``; 1 if None)."""
+        cached = getattr(self, "_layer_cache", None)
+        if cached is not None:
+            return cached
         b = self._burst
+        task = self._model.task
         xy = torch.as_tensor(pixel_grid(b.H, b.W, self._input_norm))
-        scene = np.empty((b.T, b.H, b.W, b.C), dtype=np.float32)
-        interference = np.empty_like(scene)
-        alpha = np.empty((b.T, b.H, b.W), dtype=np.float32) if "alpha" in self._model.task.layers else None
+        shape = (b.T, b.H, b.W, b.C)
+        out = {"scene": np.empty(shape, np.float32), "reconstruction": np.empty(shape, np.float32),
+               "interference": np.empty(shape, np.float32), "gate": np.ones((b.T, b.H, b.W, 1), np.float32)}
+        if "alpha" in task.layers:
+            out["alpha"] = np.empty((b.T, b.H, b.W), np.float32)
         lo, hi = self.config.value_range
         with torch.no_grad():
             for t in range(b.T):
                 for start in range(0, len(xy), render.CHUNK):
                     chunk = xy[start:start + render.CHUNK].to(self._device)
                     index = torch.full((len(chunk),), t, dtype=torch.long, device=self._device)
-                    _, s, layers = self._model.layers_at(index, chunk)
+                    image, s, layers = self._model.layers_at(index, chunk)
                     rows = slice(start, start + len(chunk))
-                    scene[t].reshape(-1, b.C)[rows] = ((s - lo) / (hi - lo)).cpu().numpy()
-                    interference[t].reshape(-1, b.C)[rows] = layers["interference"].cpu().numpy()
-                    if alpha is not None:
-                        alpha[t].reshape(-1)[rows] = layers["alpha"][:, 0].cpu().numpy()
-        out = {"scene": b.restore(scene, dtype=dtype), "interference": b.restore(interference, dtype=dtype)}
-        if alpha is not None:
-            out["alpha"] = alpha
+                    out["scene"][t].reshape(-1, b.C)[rows] = ((s - lo) / (hi - lo)).cpu().numpy()
+                    out["reconstruction"][t].reshape(-1, b.C)[rows] = ((image - lo) / (hi - lo)).cpu().numpy()
+                    out["interference"][t].reshape(-1, b.C)[rows] = layers["interference"].cpu().numpy()
+                    if "alpha" in out:
+                        out["alpha"][t].reshape(-1)[rows] = layers["alpha"][:, 0].cpu().numpy()
+                    if task.detail_gate is not None:
+                        out["gate"][t].reshape(-1)[rows] = task.detail_gate(layers)[:, 0].cpu().numpy()
+        self._layer_cache = out
         return out
+
+    def _scene_working(self, networks_only: bool = False) -> np.ndarray:
+        """(T, H, W, C) the scene in working units: the networks' scene, then the configuration's do-no-harm rules
+        (core/guard.py): plus ``detail_transfer`` x the gated residual (frame - reconstruction), plus the scene
+        consensus, and the frame's own values where the thick-alpha guard keeps them. ``networks_only``: none of
+        them. The rules read the frames: a result without its input (after ``load``) needs ``networks_only``."""
+        rendered = self._rendered_layers()
+        scene = rendered["scene"]
+        if networks_only:
+            return scene
+        if self._source is None:
+            raise ValueError("this result does not hold its input (it was loaded from a file): the scene's do-no-harm "
+                             "rules (detail transfer, scene consensus, thick-alpha guard) read the frames; use "
+                             "layers(networks_only=True) for the networks' own scene, or re-run the fit")
+        s = self.config.separation
+        if s.detail_transfer > 0:
+            residual = self._burst.data - rendered["reconstruction"]
+            scene = scene + np.float32(s.detail_transfer) * rendered["gate"] * residual
+        if s.scene_consensus and not self.is_flow:
+            scene = scene + guard.scene_consensus(self._burst.data - scene, self.homographies).astype(np.float32)
+        kept = self.kept_frame_pixels()
+        if kept.any():
+            scene = np.where(kept[..., None], self._burst.data, scene)
+        return scene
+
+    def kept_frame_pixels(self) -> np.ndarray:
+        """(T, H, W) bool: pixels where the scene keeps the frame's own values because the alpha forms blobs much
+        thicker than the burst's wires or streaks (``thick_alpha_guard``, core/guard.py); all False without the
+        guard or an alpha."""
+        rendered = self._rendered_layers()
+        if not self.config.separation.thick_alpha_guard or "alpha" not in rendered:
+            return np.zeros(self._burst.data.shape[:3], bool)
+        if getattr(self, "_kept", None) is None:
+            self._kept = guard.thick_alpha(rendered["alpha"])[0]
+        return self._kept
+
+    def layers(self, *, dtype: str = "input", networks_only: bool = False) -> dict[str, np.ndarray]:
+        """{"scene", "interference"[, "alpha"]}: (T, H, W[, C]) in the burst's layout, units and dtype.
+
+        "scene" is the networks' scene after the configuration's do-no-harm rules (core/guard.py,
+        docs/guide.md): ``detail_transfer`` x what the fit leaves unexplained (frame - reconstruction) where the
+        interference leaves the scene visible, the scene consensus (what the other frames remove at the same scene
+        point is given back) and the thick-alpha guard (the frame's own values where the alpha forms blobs).
+        ``networks_only=True``: the networks' own scene, none of the rules (the only scene after ``load``, which
+        keeps no input). "alpha" (fence, rain) is (T, H, W) float32 in [0, 1]. Additive interference (reflection,
+        moire) is its contribution on a black background: value * range + burst minimum (negative moire values
+        clip for integer dtypes; ask for dtype="float32" to keep them).
+        """
+        b = self._burst
+        scene = self._scene_working(networks_only)
+        rendered = self._rendered_layers()
+        out = {"scene": b.restore(scene, dtype=dtype), "interference": b.restore(rendered["interference"], dtype=dtype)}
+        if "alpha" in rendered:
+            out["alpha"] = rendered["alpha"].copy()
+        return out
+
+    def diagnostics(self) -> diagnostics_module.Diagnostics:
+        """Does the separation explain its frames, and does it look like a separation? A verdict ("ok" or
+        "doubtful"), one sentence per finding, and ``residual`` (T, H, W) float32: |frame - reconstruction|
+        averaged over channels, in working units, at full size (core/diagnostics.py, ``separation_diagnostics``,
+        says what is checked). Mapping access works too: ``diagnostics()["verdict"]``. Needs the input: not after
+        ``load``."""
+        if self._diagnostics is not None:
+            return self._diagnostics
+        if self._source is None:
+            raise ValueError("this result does not hold its input (it was loaded from a file): diagnostics need the "
+                             "frames; re-run the fit to diagnose it")
+        rendered = self._rendered_layers()
+        scene = self._scene_working()
+        motion_px = None
+        if not self.is_flow:
+            b = self._burst
+            corners = np.array([[0, 0, 1], [b.W - 1, 0, 1], [0, b.H - 1, 1], [b.W - 1, b.H - 1, 1]], float).T
+            q = self.homographies @ corners  # (T, 3, 4) canonical positions of each frame's corners
+            q = q[:, :2] / q[:, 2:3]
+            motion_px = float(np.abs(q - q.mean(0)).max())
+        task = self._model.task
+        self._diagnostics = diagnostics_module.separation_diagnostics(
+            self._burst.data, rendered["reconstruction"], scene, rendered.get("alpha"),
+            sparse=task.sparse_of is not None and "alpha" in task.layers, scene_motion_px=motion_px,
+            kept=self.kept_frame_pixels())
+        return self._diagnostics
 
     def provenance(self) -> dict:
         prov = super().provenance()
@@ -970,7 +1056,23 @@ def _flow_vectors(result, view: _View):
 
 
 def _separated(result, view: _View, name: str):
-    return _cached(view, "layers", result.layers)[name]
+    # a loaded result keeps no input: its scene is the networks' own (no do-no-harm rules)
+    make = result.layers if result._source is not None else (lambda: result.layers(networks_only=True))
+    return _cached(view, "layers", make)[name]
+
+
+def _thick_alpha_guarded(config: FitConfig) -> bool:
+    return bool(config.task) and config.separation.thick_alpha_guard and "alpha" in get_task(config.task).layers
+
+
+def _kept(result, view: _View):
+    if result._source is None:  # a loaded result keeps no input, so no frame values either
+        return None
+    return result.kept_frame_pixels().astype(np.uint8), {"fraction": round(float(result.kept_frame_pixels().mean()), 5)}
+
+
+KEPT_CONVENTION = ("(T, H, W) uint8, 1 where the scene keeps the frame's own values (interference included) because "
+                   "the alpha formed blobs there, much thicker than the burst's wires or streaks (core/guard.py)")
 
 
 def _registered(result, view: _View):
@@ -1043,6 +1145,8 @@ ARTEFACTS: dict[str, ArtefactSpec] = {
                      _task_has("interference")),
         ArtefactSpec("alpha", "image", "TYX", "the interference's opacity in [0, 1] per frame pixel (float32)",
                      "alpha.tif", "image", lambda r, v: _separated(r, v, "alpha"), _task_has("alpha")),
+        ArtefactSpec("kept frame pixels", "image", "TYX", KEPT_CONVENTION, "kept.tif", "image", _kept,
+                     _thick_alpha_guarded, display={"colormap": "red", "opacity": 0.5, "contrast_limits": (0, 1)}),
         ArtefactSpec("interference canonical", "image", "YX[C]",
                      "the interference's rigid layer (a reflection) fused over the burst, on the frame-sized grid "
                      "of interference_homographies", "interference_canonical.tif", "image",
@@ -1083,7 +1187,7 @@ ARTEFACTS: dict[str, ArtefactSpec] = {
                      lambda r, v: np.hypot(_flow(r, v)[..., 0], _flow(r, v)[..., 1]).astype(np.float32),
                      _motion_has("flow magnitude"), display={"colormap": "magma"}),
         # does the fit explain its frames (core/diagnostics.py)? A loaded result has no input: neither
-        ArtefactSpec("diagnostics", "record", "", "the verdict ('good' or 'doubtful'), one sentence per finding and a "
+        ArtefactSpec("diagnostics", "record", "", "the verdict ('ok' or 'doubtful'), one sentence per finding and a "
                      "table per frame (core/diagnostics.py)", "diagnostics.json", None, _diagnostics_record),
         ArtefactSpec("residual", "image", "TYX", RESIDUAL_CONVENTION, "residual.tif", "image", _residual,
                      display={"colormap": "magma"}),

@@ -36,6 +36,10 @@ class Task:
     zero_mean: weight of |mean of the interference over each frame| (0: off), for interference that oscillates
         about the scene (moire): it fixes the offset that an additive model otherwise leaves free between layers.
     layers: the output layer names, in display order.
+    detail_gate(layers) -> (N, 1) or None: where the residual (frame - reconstruction) may go back into the scene
+        (``detail_transfer``), and by how much it is scaled there. None: everywhere, unscaled (additive layers:
+        I - I_hat is what the scene misses, wherever the interference is). Compositing tasks divide by the
+        scene's share (1 - alpha) and fade the transfer out where alpha > 1/2, where the scene is mostly hidden.
     paper: the official configuration (steps, batch, networks, loss) for the ``paper`` preset.
     """
 
@@ -52,6 +56,7 @@ class Task:
     flow_smoothness: float = 0.02
     zero_mean: float = 0.0
     fast_motion: str | None = None
+    detail_gate: Callable | None = None
     layers: tuple[str, ...] = ("scene", "interference")
     paper: dict = field(default_factory=dict)
     fast_options: dict = field(default_factory=dict)
@@ -75,6 +80,11 @@ def _alpha_composite(scene, raw):
     return (1 - alpha) * scene + alpha * colour, {"interference": colour, "alpha": alpha}
 
 
+def _visible_scene_gate(layers):
+    alpha = layers["alpha"]
+    return torch.clamp(1 - 2 * alpha, 0, 1) / (1 - alpha).clamp_min(0.5)
+
+
 def _rain(scene, raw):
     r = torch.sigmoid(raw)
     return (1 - r) * scene + r, {"interference": r.expand_as(scene), "alpha": r}
@@ -93,7 +103,8 @@ TASKS: dict[str, Task] = {
             # the paper's free f2 leaves the reflection's lower envelope in the scene; a reflection in a pane of
             # glass moves rigidly, so it gets a layer with homographies of its own where the residuals show one
             # (benchmarks/DECISIONS.md, "reflection")
-            fast_options={"interference_motion": "auto"},
+            # detail transfer 1 (benchmarks/DECISIONS.md, "do no harm", chosen on the corpus's tuning half)
+            fast_options={"interference_motion": "auto", "detail_transfer": 1.0},
         ),
         Task(
             name="fence", title="Fence / obstruction removal",
@@ -102,20 +113,27 @@ TASKS: dict[str, Task] = {
             motion="flow", fast_motion="homography", interference_channels=lambda c: c + 1,
             interference_init=-4.0,
             compose=_alpha_composite, sparse_of=lambda layers: layers["alpha"], sparsity=0.001,
+            detail_gate=_visible_scene_gate,
             layers=("scene", "interference", "alpha"),
             paper={"steps": 3000, "batch": -8, "loss": "mse", "f1_omega0": 90.0, "f2_width": 256},
             # alpha sparsity 0.05 (the paper's 0.001 beside our L1 loss swaps the layers over dark regions); a
             # median filter so that feature matching follows the scene, not the wires; a Cauchy warm-up that
             # the moving fence cannot pull (benchmarks/DECISIONS.md, "fence")
-            fast_options={"sparsity": 0.05, "feature_prefilter": 7, "warmup_cauchy": 0.05, "scene_warmup": 0.5},
+            # detail transfer 0.25, the scene consensus and the thick-alpha guard (benchmarks/DECISIONS.md, "do no
+            # harm")
+            fast_options={"sparsity": 0.05, "feature_prefilter": 7, "warmup_cauchy": 0.05, "scene_warmup": 0.5,
+                          "detail_transfer": 0.25, "thick_alpha_guard": True, "scene_consensus": True},
         ),
         Task(
             name="rain", title="Rain removal",
             description="Remove rain streaks: I = (1 - r) scene + r, the scene occlusion-aware.",
             motion="occlusion", fast_motion="homography", interference_channels=lambda c: 1, interference_init=-4.0,
-            compose=_rain,
+            compose=_rain, detail_gate=_visible_scene_gate,
             sparse_of=lambda layers: layers["alpha"], sparsity=0.01, layers=("scene", "interference", "alpha"),
             paper={"steps": 5000, "batch": -4, "loss": "l1", "f1_omega0": 30.0, "f2_width": 256},
+            # detail transfer 0.5, the scene consensus and the thick-alpha guard (benchmarks/DECISIONS.md, "do no
+            # harm")
+            fast_options={"detail_transfer": 0.5, "thick_alpha_guard": True, "scene_consensus": True},
         ),
         Task(
             name="moire", title="Moire removal",
@@ -127,7 +145,7 @@ TASKS: dict[str, Task] = {
             # a band-limited scene (0.7 cells per pixel) cannot hold the near-Nyquist grating, a finer
             # interference grid (4 cells per pixel) can; the zero-mean prior pins the offset between the layers
             # (benchmarks/DECISIONS.md, "moire")
-            fast_options={"grid_density": 0.7, "interference_density": 4.0},
+            fast_options={"grid_density": 0.7, "interference_density": 4.0, "detail_transfer": 0.5},
         ),
     )
 }
