@@ -38,7 +38,7 @@ def markdown(table: dict) -> str:
 
 
 HEADLINE = ("<!-- headline -->", "<!-- /headline -->")
-SECTIONS = ("fusion", "separation", "scaling", "registration", "memory", "diagnostics", "napari", "distributed",
+SECTIONS = ("fusion", "separation", "separation-samples", "corpus", "paper", "scaling", "registration", "memory", "diagnostics", "napari", "distributed",
             "tiled", "speed")
 
 
@@ -84,7 +84,19 @@ def main(argv=None) -> int:
                         help=f"comma-separated sections: {', '.join(SECTIONS)}; with a subset, the other sections of "
                              "an existing output file are kept")
     args = parser.parse_args(argv)
-    from . import diagnostics, distributed, fusion, memory, napari_gui, registration, scaling, separation, speed
+    from . import (
+        diagnostics,
+        distributed,
+        fusion,
+        memory,
+        napari_gui,
+        registration,
+        scaling,
+        separation,
+        separation_corpus,
+        separation_paper,
+        speed,
+    )
 
     info = machine()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
@@ -95,6 +107,9 @@ def main(argv=None) -> int:
         parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; use {', '.join(SECTIONS)}")
     runs = {"fusion": lambda: fusion.run(args.quick, args.device, images),
             "separation": lambda: separation.run(args.quick, args.device, images),
+            "separation-samples": lambda: separation.run_samples(args.quick, args.device),
+            "corpus": lambda: separation_corpus.run(args.quick, args.device),
+            "paper": lambda: separation_paper.run(args.quick, args.device, images),
             "scaling": lambda: scaling.run(args.quick, args.device),
             "registration": lambda: registration.run(args.quick, args.device),
             "memory": lambda: memory.run(args.quick, args.device),

@@ -9,7 +9,7 @@ here on other seeds and sizes.
 Large motion: frames of 384 x 384 cut from an image (scikit-image's, resized to 1400 x 1400) at a drift of 200 px
 per frame plus up to +-25 px of jitter in both directions; the error of a pair (t, t+1) is the RMS over a 9 x 9
 grid of frame-(t+1) points that land in frame t of the distance between the fitted map and the true translation.
-A wrong answer is silent when the error exceeds 0.5 px and the verdict is "good".
+A wrong answer is silent when the error exceeds 0.5 px and the verdict is "ok".
 """
 from __future__ import annotations
 
@@ -68,10 +68,10 @@ def large_drift(quick: bool, device: str) -> dict:
         found = fit.diagnostics()
         errors = pair_errors(fit, offsets, stack.shape[1])
         wrong = max(errors) > 0.5
-        silent += wrong and found.verdict == "good"
+        silent += wrong and found.verdict == "ok"
         rows.append([image, f"{len(report['features'])} / {len(report['phase'])} / {len(report['failed'])}",
                      f"{np.median(errors):.2f}", f"{max(errors):.2f}", found.verdict,
-                     "yes" if wrong and found.verdict == "good" else "no", f"{seconds:.0f}"])
+                     "yes" if wrong and found.verdict == "ok" else "no", f"{seconds:.0f}"])
     return {"title": "Large motion: 5 x 384^2 frames drifting 200 px per frame (+-25 px jitter), homography, defaults",
             "header": ["image", "start links: features / phase / none", "median pair error px",
                        "worst pair error px", "verdict", "silent wrong answer", "fit s"],
@@ -94,7 +94,7 @@ def false_alarms(quick: bool, device: str) -> dict:
         fit = nir.fuse(make(), motion, device=device, preview_every=0, steps=100 if quick else None)
         found = fit.diagnostics()
         rows.append([name, motion, found.verdict, "; ".join(found.reasons) or "-"])
-    doubtful = sum(r[2] != "good" for r in rows)
+    doubtful = sum(r[2] != "ok" for r in rows)
     return {"title": "Verdicts on good fits (false alarms)", "header": ["burst", "motion", "verdict", "reasons"],
             "rows": rows, "notes": [f"doubtful verdicts on these right fits: {doubtful} of {len(rows)}"]}
 

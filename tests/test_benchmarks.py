@@ -57,8 +57,9 @@ def test_separation_tables_are_produced(monkeypatch):
     monkeypatch.setattr(separation.nir, "separate", lambda *a, **k: real_separate(*a, **{**k, "steps": 5}))
     monkeypatch.setattr(separation, "DATA", Path("/nonexistent"))
     monkeypatch.setitem(separation.PAPER_BUDGET_S, True, 0.5)  # the table's shape, not its figures
-    tables = separation.run(True, "cpu", None)
-    assert len(tables) == 3  # quality, seeds and speed; real data absent: those tables are skipped, not failed
+    assert separation.run(True, "cpu", None) == []  # real data absent: those tables are skipped, not failed
+    tables = separation.run_samples(True, "cpu")
+    assert len(tables) == 3  # quality, seeds and speed
     quality, over_seeds, speed = tables
     for table in (quality, speed):
         assert [row[0] for row in table["rows"]] == list(separation.nir.TASKS)
@@ -125,3 +126,48 @@ def test_partial_benchmark_run_keeps_the_other_sections():
     assert "F1" in updated and "S2" in updated and "S1" not in updated
     appended = merge_section(updated, "registration", section_block("registration", "R\n"))
     assert appended.startswith(updated.rstrip("\n")) and appended.endswith(section_block("registration", "R\n"))
+
+
+def test_the_corpus_is_split_once_and_reproducible():
+    """benchmarks/corpus.py: disjoint halves with disjoint photographs, the same mix of sizes and content in each,
+    and a burst is the same every time it is made."""
+    from benchmarks import corpus
+
+    assert set(corpus.TUNING) | set(corpus.HELD_OUT) == set(range(corpus.N_PER_TASK))
+    assert not set(corpus.TUNING) & set(corpus.HELD_OUT)
+    assert not set(corpus.PHOTOS_TUNING) & set(corpus.PHOTOS_HELD_OUT)
+    assert len(corpus.PHOTOS_TUNING + corpus.PHOTOS_HELD_OUT) >= 10
+    for half in (corpus.TUNING, corpus.HELD_OUT):
+        assert {corpus.KINDS[(i // 2) % len(corpus.KINDS)] for i in half} == set(corpus.KINDS)
+        assert {corpus.SIZES[(i // 2) % len(corpus.SIZES)] for i in half} == set(corpus.SIZES)
+    first, again = corpus.make_burst("rain", 3), corpus.make_burst("rain", 3)
+    assert np.array_equal(first.frames, again.frames) and first.info == again.info
+    assert first.info["half"] == "held-out" and first.info["photo"] in corpus.available_photos(corpus.PHOTOS_HELD_OUT)
+    assert first.frames.shape[1:3] == corpus.SIZES[1] and first.clean.shape == first.frames.shape
+    assert first.interference_mask.any() and not first.interference_mask.all()  # rain touches some pixels
+    bare = corpus.make_burst("rain", 3, with_interference=False)
+    assert not bare.interference_mask.any() and bare.info["noise"] >= 0.01
+    assert np.allclose(bare.clean, first.clean)
+
+
+def test_corpus_tables_are_produced(monkeypatch):
+    """The held-out corpus tables' shape, on 40 x 40 crops of two bursts per task and 5 steps per fit."""
+    from benchmarks import corpus, separation_corpus
+    from benchmarks.__main__ import markdown
+
+    def cropped(task, index, **kw):
+        b = corpus.make_burst(task, index, **kw)
+        crop = (slice(None), slice(0, 40), slice(0, 40))
+        return corpus.CorpusBurst(b.frames[crop], b.clean[crop], b.interference_mask[crop],
+                                  None if b.object_mask is None else b.object_mask[crop], b.homographies, b.info)
+
+    monkeypatch.setattr(separation_corpus, "make_burst", cropped)
+    real_separate = separation_corpus.nir.separate
+    monkeypatch.setattr(separation_corpus.nir, "separate", lambda *a, **k: real_separate(*a, **{**k, "steps": 5}))
+    summary, per_burst, clean, camera = separation_corpus.run(True, "cpu")
+    assert [row[0] for row in summary["rows"]] == list(corpus.TASK_NAMES)
+    assert len(per_burst["rows"]) == 2 * len(corpus.TASK_NAMES) and len(clean["rows"]) == len(corpus.TASK_NAMES)
+    assert len(camera["rows"]) == 1
+    for table in (summary, per_burst, clean, camera):
+        assert all(len(row) == len(table["header"]) for row in table["rows"])
+        assert "|---|" in markdown(table)
