@@ -91,8 +91,9 @@ def test_names_and_visibility_of_each_kind_of_result(fits):
     assert shown(fits["flow 2 channels"]) == {"canonical": True, "frames": False, "registered": False,
                                               "flow vectors": True, "flow magnitude": False, "residual": False}
     assert shown(fits["occlusion grey"])["occlusion w"] is False
-    assert shown(fits["rain"]) == {"scene": True, "interference": False, "alpha": False, "canonical": True,
-                                   "frames": False, "registered": False, "outlines": False, "residual": False}
+    assert shown(fits["rain"]) == {"scene": True, "interference": False, "alpha": False, "kept frame pixels": False,
+                                   "canonical": True, "frames": False, "registered": False, "outlines": False,
+                                   "residual": False}
     outlines = next((d, kw) for d, kw, kind in fusion_layer_data(fits["homography"], "burst") if kind == "shapes")
     assert len(outlines[0]) == 3 and all(np.shape(c) == (4, 2) for c in outlines[0])
     assert list(outlines[1]["features"]["frame"]) == [0, 1, 2] and outlines[1]["face_color"] == "transparent"

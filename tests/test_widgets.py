@@ -545,7 +545,8 @@ def test_advanced_options_are_generated_from_the_config(make_napari_viewer, qtbo
     assert description.startswith("Separating burst"), description
     assert not any(running)  # every control was disabled while it ran ...
     assert separate.advanced.enabled and separate.task.enabled and separate.advanced_toggle.enabled  # ... not now
-    assert any(m.startswith("Separate layers: Separated 'burst'") for m in notes["info"]), notes["info"]
+    finished = notes["info"] + notes["warning"]  # a warning when the verdict is doubtful (5 steps: it is)
+    assert any(m.startswith("Separate layers: Separated 'burst'") for m in finished), finished
     assert not notes["error"]
 
 

@@ -126,4 +126,5 @@ def test_artefacts_follow_the_motion_and_task_tables():
         expected = {"canonical", "frames", "registered", "diagnostics", "residual",
                     *MOTIONS[config.motion.model].artefacts, *task.layers}
         expected |= rigid if config.separation.interference_motion != "none" else set()
+        expected |= {"kept frame pixels"} if config.separation.thick_alpha_guard else set()
         assert {r for r, a in ARTEFACTS.items() if a.applies(config)} == expected, task.name

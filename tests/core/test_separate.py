@@ -297,28 +297,29 @@ def _psnr(a, b, additive: bool) -> float:
 
 @functools.cache
 def _clean_burst_separated(task):
-    """A 4 x 48 x 48 burst with nothing to remove (1 % noise), separated by ``task`` with 150 steps (fewer than the
+    """A 4 x 40 x 40 burst with nothing to remove (1 % noise), separated by ``task`` with 100 steps (fewer than the
     preset: the promise must not rest on a long fit): (scene PSNR, input PSNR, diagnostics) against the noiseless
     frames."""
-    sample = homography_burst(4, (48, 48), seed=5, noise=0.01, translation=0.04, rotation_deg=2, scale=0.02,
+    sample = homography_burst(4, (40, 40), seed=5, noise=0.01, translation=0.04, rotation_deg=2, scale=0.02,
                               perspective=0.01)
-    sep = nir.separate(sample.frames, task, steps=150, seed=0, preview_every=0)
+    sep = nir.separate(sample.frames, task, steps=100, seed=0, preview_every=0)
     scene = sep.layers(dtype="float32")["scene"]
     additive = task in ("reflection", "moire")
     return _psnr(scene, sample.clean, additive), _psnr(sample.frames, sample.clean, additive), sep.diagnostics()
 
 
-@pytest.mark.xfail(strict=True, reason="not met (issue 13): at 48^2 every task's scene reads 31.6-34.4 dB against "
-                                       "the noisy input's 40.0 dB and the verdict says ok: the interference takes "
+@pytest.mark.xfail(strict=True, reason="not met (issue 13): at 48^2 (150 steps) every task's scene read 31.6-34.4 "
+                                       "dB against the noisy input's 40.0 dB with the verdict ok (40^2, 100 steps, "
+                                       "here: the same): the interference takes "
                                        "scattered scene detail (rain: alpha mean 0.036 on a burst without rain), "
                                        "which no check of the layers alone can tell from interference; "
                                        "benchmarks/RESULTS.md's corpus section has the full-size figures")
-@pytest.mark.parametrize("task", list(nir.TASKS))
+@pytest.mark.parametrize("task", ["reflection", "rain"])  # one additive and one alpha task: the suite's budget
 def test_a_burst_without_interference_is_never_made_worse_silently(task):
     """Do no harm, the brief's form: a scene worse than the input (by more than 0.5 dB against the noiseless
     frames) carries a doubtful verdict that says so; the issue's form (>= input - 0.5 dB and ok) implies it."""
     ours, given, found = _clean_burst_separated(task)
-    assert found["residual"].shape == (4, 48, 48)
+    assert found["residual"].shape == (4, 40, 40)
     assert ours >= given - 0.5 or found.verdict == "doubtful", (ours, given, found.reasons)
 
 
@@ -326,8 +327,8 @@ def test_a_burst_without_interference_is_never_made_worse_silently(task):
 def test_frames_of_independent_noise_are_doubtful(task):
     """No scene at all (every frame independent noise): whatever the layers take, the verdict says it is not a
     separation."""
-    frames = np.random.default_rng(1).uniform(0, 1, (3, 32, 32)).astype(np.float32)
-    found = nir.separate(frames, task, steps=60, seed=0, preview_every=0).diagnostics()
+    frames = np.random.default_rng(1).uniform(0, 1, (3, 24, 24)).astype(np.float32)
+    found = nir.separate(frames, task, steps=40, seed=0, preview_every=0).diagnostics()
     assert found.verdict == "doubtful" and found.reasons
 
 
