@@ -314,7 +314,7 @@ def _clean_burst_separated(task):
                                        "scattered scene detail (rain: alpha mean 0.036 on a burst without rain), "
                                        "which no check of the layers alone can tell from interference; "
                                        "benchmarks/RESULTS.md's corpus section has the full-size figures")
-@pytest.mark.parametrize("task", ["reflection", "rain"])  # one additive and one alpha task: the suite's budget
+@pytest.mark.parametrize("task", ["rain"])  # one task: the suite's budget (all four fail the same way, see the reason)
 def test_a_burst_without_interference_is_never_made_worse_silently(task):
     """Do no harm, the brief's form: a scene worse than the input (by more than 0.5 dB against the noiseless
     frames) carries a doubtful verdict that says so; the issue's form (>= input - 0.5 dB and ok) implies it."""
@@ -323,7 +323,7 @@ def test_a_burst_without_interference_is_never_made_worse_silently(task):
     assert ours >= given - 0.5 or found.verdict == "doubtful", (ours, given, found.reasons)
 
 
-@pytest.mark.parametrize("task", list(nir.TASKS))
+@pytest.mark.parametrize("task", ["reflection", "rain"])  # an additive and an alpha task: the suite's budget
 def test_frames_of_independent_noise_are_doubtful(task):
     """No scene at all (every frame independent noise): whatever the layers take, the verdict says it is not a
     separation."""
