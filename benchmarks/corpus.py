@@ -249,12 +249,9 @@ def make_burst(task: str, index: int, *, with_interference: bool = True) -> Corp
         amplitude = rng.uniform(0.04, 0.1)
         crossed = bool(rng.integers(2))
         tint = rng.uniform(0.5, 1.0, 3)
-        h, w = shape
-        rows, cols = np.mgrid[0:h, 0:w].astype(float)
         moire = []
         for m in camera:
-            p = m @ np.stack([cols.ravel(), rows.ravel(), np.ones(cols.size)])
-            u, v = (p[0] / p[2]).reshape(shape), (p[1] / p[2]).reshape(shape)
+            u, v = _world_points(m, shape, k=1)  # point-sampled: the grating aliases differently in every frame
             a, b = np.cos(angle) * u + np.sin(angle) * v, -np.sin(angle) * u + np.cos(angle) * v
             grating = np.cos(2 * np.pi * freq * a) * (np.cos(2 * np.pi * freq * b) if crossed else 1.0)
             moire.append(amplitude * grating[..., None] * tint)
