@@ -285,13 +285,7 @@ def obstruction_images(device: str, image_dir: Path | None, quick: bool) -> dict
             panels = [frames[middle], layers["scene"][middle], layers["interference"][middle]]
             if "alpha" in layers:
                 panels[2] = np.repeat(layers["alpha"][middle][..., None], 3, -1)
-            strip = np.concatenate([np.clip(p, 0, 1) for p in panels], axis=1)
-            if strip.shape[1] > 1500:  # keep the committed images small
-                from skimage.transform import rescale
-
-                strip = rescale(strip, 1500 / strip.shape[1], channel_axis=-1, anti_aliasing=True)
-            image_dir.mkdir(parents=True, exist_ok=True)
-            iio.imwrite(image_dir / name, (strip * 255).round().astype(np.uint8))
+            write_strip(panels, image_dir / name)
         rows.append([burst_id, task, "x".join(str(s) for s in frames.shape), f"{wall:.1f}",
                      f"{sep.final_psnr:.2f}", f"docs/images/{name}" if image_dir is not None else "-"])
     return {"title": f"Layer separation, real bursts without ground truth (obstruction_liu2020), fast preset, "
@@ -301,6 +295,19 @@ def obstruction_images(device: str, image_dir: Path | None, quick: bool) -> dict
             "rows": rows,
             "notes": [f"fitted at {'320' if quick else '540'} px on the longer side (working_size), rendered at full "
                       "size; the middle frame is shown"]}
+
+
+def write_strip(panels, path: Path, width: int = 1500) -> None:
+    """(H, W, 3) panels in [0, 1] side by side as an 8-bit PNG, scaled down to ``width`` (committed images stay
+    small)."""
+    import imageio.v3 as iio
+    from skimage.transform import rescale
+
+    strip = np.concatenate([np.clip(p, 0, 1) for p in panels], axis=1)
+    if strip.shape[1] > width:
+        strip = rescale(strip, width / strip.shape[1], channel_axis=-1, anti_aliasing=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(path, (strip * 255).round().astype(np.uint8))
 
 
 def run(quick: bool, device: str, image_dir: Path | None = None) -> list[dict]:

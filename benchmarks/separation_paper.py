@@ -20,7 +20,8 @@ import numpy as np
 
 import napari_nir as nir
 
-from .separation import DATA, ssim
+from .fusion import psnr
+from .separation import DATA, ssim, write_strip
 
 OFFICIAL = DATA / "nir_official"
 WORKING_SIZE = 512  # the paper's bursts are fitted at most this long side (working_size), rendered at full size
@@ -68,17 +69,6 @@ def _resized(x: np.ndarray, shape) -> np.ndarray:
     return np.stack([resize(f, shape, anti_aliasing=True) for f in x]).astype(np.float32)
 
 
-def _strip(panels, path: Path, width: int = 1500) -> None:
-    import imageio.v3 as iio
-    from skimage.transform import rescale
-
-    strip = np.concatenate([np.clip(p, 0, 1) for p in panels], axis=1)
-    if strip.shape[1] > width:
-        strip = rescale(strip, width / strip.shape[1], channel_axis=-1, anti_aliasing=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    iio.imwrite(path, (strip * 255).round().astype(np.uint8))
-
-
 def run(quick: bool, device: str, image_dir: Path | None = None) -> list[dict]:
     if not OFFICIAL.exists():
         return []
@@ -99,15 +89,16 @@ def run(quick: bool, device: str, image_dir: Path | None = None) -> list[dict]:
             official = read_official(video, order)
             ours = _resized(scene, official.shape[1:3])
             given = _resized(frames, official.shape[1:3])
-            similarity = [f"{_psnr(ours, official):.2f} / {ssim(np.clip(ours, 0, 1), official):.3f}",
-                          f"{_psnr(given, official):.2f} / {ssim(given, official):.3f}"]
+            ours = np.clip(ours, 0, 1)  # compared as the images they are, like the official 8-bit video
+            similarity = [f"{psnr(ours, official):.2f} / {ssim(ours, official):.3f}",
+                          f"{psnr(given, official):.2f} / {ssim(given, official):.3f}"]
             panels = [given[middle], ours[middle], official[middle]]
         else:
             similarity = ["no official output", "-"]
             panels = [frames[middle], scene[middle]]
         if image_dir is not None:
             image = image_dir / f"paper_{name}.png"
-            _strip(panels, image)
+            write_strip(panels, image)
         rows.append([name, task, "x".join(map(str, frames.shape)), f"{wall:.1f}"] + similarity
                     + [found.verdict, "-" if image is None else f"docs/images/{image.name}"])
     notes = [f"fast preset, seed 0, fitted at working_size {WORKING_SIZE} and rendered at the input's size; official: "
@@ -121,7 +112,3 @@ def run(quick: bool, device: str, image_dir: Path | None = None) -> list[dict]:
              "header": ["burst", "task", "frames", "wall s", "ours vs official PSNR / SSIM",
                         "input vs official PSNR / SSIM", "verdict", "image (input | ours | official)"],
              "rows": rows, "notes": notes}]
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(-10 * np.log10(max(np.mean((np.clip(a, 0, 1).astype(np.float64) - b) ** 2), 1e-12)))

@@ -29,7 +29,7 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 
 __all__ = ["Diagnostics", "alignment_diagnostics", "separation_diagnostics", "SEPARATION_THRESHOLDS",
-           "unusable_frames", "reduce_frames", "correlation", "match_residuals", "DIAGNOSTIC_SIDE"]
+           "unusable_frames", "reduce_frames", "correlation", "match_residuals", "warp_into", "DIAGNOSTIC_SIDE"]
 
 DIAGNOSTIC_SIDE = 256       # frames are reduced (block means) to at most this many pixels per side
 PAIR_SHIFT_PX = 2.0         # remaining shift between aligned neighbours, input pixels
@@ -111,23 +111,26 @@ def unusable_frames(frames: np.ndarray) -> dict[int, str]:
     return out
 
 
-def _warp_into(frame: np.ndarray, pair_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Frame s resampled onto frame t's pixels through ``pair_map`` (3x3, frame-t pixel (col, row, 1) -> frame-s
-    pixel), and the mask of frame-t pixels that land inside frame s."""
-    h, w = frame.shape
+def warp_into(frame: np.ndarray, pair_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Frame s, (h, w) or (h, w, C), resampled (linearly) onto frame t's pixels through ``pair_map`` (3x3, frame-t
+    pixel (col, row, 1) -> frame-s pixel): float32 of the same shape, and the (h, w) mask of frame-t pixels that
+    land inside frame s."""
+    h, w = frame.shape[:2]
     rows, cols = np.mgrid[0:h, 0:w].astype(np.float64)
     pts = pair_map @ np.stack([cols.ravel(), rows.ravel(), np.ones(h * w)])
     x, y = pts[0] / pts[2], pts[1] / pts[2]
     inside = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
-    warped = map_coordinates(frame, [y, x], order=1, mode="nearest").reshape(h, w)
-    return warped.astype(np.float32), inside.reshape(h, w)
+    planes = frame[..., None] if frame.ndim == 2 else frame
+    warped = np.stack([map_coordinates(planes[..., k], [y, x], order=1, mode="nearest").reshape(h, w)
+                       for k in range(planes.shape[-1])], -1)
+    return warped.reshape(frame.shape).astype(np.float32), inside.reshape(h, w)
 
 
 def _pair(first: np.ndarray, second: np.ndarray, pair_map: np.ndarray, k: int) -> dict:
     """The pair check of ``alignment_diagnostics`` for reduced frames t, t+1 and the reduced map t -> t+1."""
     from skimage.registration import phase_cross_correlation
 
-    warped, mask = _warp_into(second, pair_map)
+    warped, mask = warp_into(second, pair_map)
     overlap = float(mask.mean())
     out = {"overlap": round(overlap, 4), "shift_px": None, "correlation": None}
     if mask.sum() < 64:
@@ -238,8 +241,8 @@ def separation_diagnostics(frames: np.ndarray, reconstruction: np.ndarray, scene
 
     - **unexplained frames**: more than ``UNEXPLAINED_FRACTION`` of a frame's pixels differ from the
       reconstruction by more than ``UNEXPLAINED_LEVEL``: the formation model does not hold there (things that
-      move by themselves, a wrong motion, an interference the task does not describe); such pixels keep the
-      frame's own values in the scene (detail transfer), so the interference there stays too;
+      move by themselves, a wrong motion, an interference the task does not describe); the detail transfer
+      gives part of the frame back to the scene there, interference included;
     - **swapped layers**: what the result takes out of the frames (frame - scene) carries more than
       ``INTERFERENCE_SHARE`` of their variance: the "interference" holds most of the picture;
     - **not sparse**: an obstruction or rain alpha above 1/2 on more than ``COVERAGE`` of the pixels;
@@ -254,7 +257,7 @@ def separation_diagnostics(frames: np.ndarray, reconstruction: np.ndarray, scene
 
     A burst without interference, whose scene the fit explains, passes every check: its interference is empty.
     The thresholds are physical fractions of the burst's range and pixels, set before any corpus run
-    (benchmarks/separation.py counts the verdicts on the held-out corpus).
+    (benchmarks/separation_corpus.py counts the verdicts on the held-out corpus).
     """
     t_count = len(frames)
     error = frames - reconstruction
@@ -278,8 +281,8 @@ def separation_diagnostics(frames: np.ndarray, reconstruction: np.ndarray, scene
         worst = max(bad, key=lambda t: unexplained[t])
         reasons.append(f"the fit does not explain frame(s) {', '.join(map(str, bad))}: up to "
                        f"{100 * unexplained[worst]:.0f} % of a frame's pixels differ from the reconstruction by more "
-                       f"than {100 * UNEXPLAINED_LEVEL:.0f} % of the range (see the residual); the scene keeps the "
-                       "frame's own values there, interference included")
+                       f"than {100 * UNEXPLAINED_LEVEL:.0f} % of the range: the formation model does not hold there "
+                       "(see the residual)")
     if share > INTERFERENCE_SHARE:
         reasons.append(f"the interference holds {100 * share:.0f} % of the frames' variance, more than the scene: "
                        "the layers may be swapped")

@@ -1,7 +1,10 @@
-"""Do no harm in a separated scene: where the layers are not believed, the frame's own values (numpy/scipy).
+"""Do no harm in a separated scene: rules applied after the fit, where the layers are not believed (numpy/scipy).
 
 A separation's scene is the networks' scene plus, where the interference leaves the scene visible, what the fit
-leaves unexplained (``detail_transfer``, in ``SeparationResult.layers``). This module holds the second rule:
+leaves unexplained (``detail_transfer``, in ``SeparationResult.layers``). This module holds the two other rules:
+
+**scene consensus** (``scene_consensus``): interference does not move with the scene, so what every other frame
+also removes at the same scene point is scene detail the interference soaked up, and is given back.
 
 **thick alpha** (fence, rain): obstructions and rain streaks are thin. Where an alpha above 1/2 forms a blob much
 thicker than the burst's typical wire or streak, the fit has most likely used the interference to explain
@@ -13,8 +16,12 @@ still removed; only blobs well beyond it are kept.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import ndimage
+
+from .diagnostics import warp_into
 
 __all__ = ["thick_alpha", "scene_consensus", "THICKNESS_FACTOR", "MIN_RADIUS"]
 
@@ -53,34 +60,21 @@ def scene_consensus(removed: np.ndarray, to_reference: np.ndarray) -> np.ndarray
     point, the other frames remove something else. Detail of the scene itself is removed alike in every frame. Per
     pixel, the other frames' removals warped onto frame t give a median m (pixels no other frame covers give 0);
     where m and frame t's removal d have the same sign, min(|d|, |m|) of it is scene, returned with d's sign."""
-    from scipy.ndimage import map_coordinates
-
-    t_count, h, w, c = removed.shape
-    rows, cols = np.mgrid[0:h, 0:w].astype(np.float64)
-    points = np.stack([cols.ravel(), rows.ravel(), np.ones(h * w)])
+    t_count = len(removed)
     out = np.zeros_like(removed)
     for t in range(t_count):
         others = []
         for s in range(t_count):
             if s == t:
                 continue
-            m = np.linalg.inv(to_reference[s]) @ to_reference[t]  # frame-t pixel -> frame-s pixel
-            q = m @ points
-            xs, ys = q[0] / q[2], q[1] / q[2]
-            inside = (xs >= 0) & (xs <= w - 1) & (ys >= 0) & (ys <= h - 1)
-            warped = np.stack([map_coordinates(removed[s, ..., k], [ys, xs], order=1, mode="nearest")
-                               for k in range(c)], -1)
+            warped, inside = warp_into(removed[s], np.linalg.inv(to_reference[s]) @ to_reference[t])
             warped[~inside] = np.nan
-            others.append(warped.reshape(h, w, c))
+            others.append(warped)
         if not others:
             continue
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: no other frame covers them
-                median = np.nanmedian(np.stack(others), axis=0)
-        median = np.nan_to_num(median)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: no other frame covers them
+            median = np.nan_to_num(np.nanmedian(np.stack(others), axis=0))
         d = removed[t]
         same = np.sign(d) == np.sign(median)
         out[t] = np.where(same, np.sign(d) * np.minimum(np.abs(d), np.abs(median)), 0.0)

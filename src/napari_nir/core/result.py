@@ -559,6 +559,9 @@ class SeparationResult(FusionResult):
         scene = rendered["scene"]
         if networks_only:
             return scene
+        cached = getattr(self, "_scene_cache", None)  # layers() and diagnostics() both need it
+        if cached is not None:
+            return cached
         if self._source is None:
             raise ValueError("this result does not hold its input (it was loaded from a file): the scene's do-no-harm "
                              "rules (detail transfer, scene consensus, thick-alpha guard) read the frames; use "
@@ -572,6 +575,7 @@ class SeparationResult(FusionResult):
         kept = self.kept_frame_pixels()
         if kept.any():
             scene = np.where(kept[..., None], self._burst.data, scene)
+        self._scene_cache = scene
         return scene
 
     def kept_frame_pixels(self) -> np.ndarray:
@@ -620,11 +624,8 @@ class SeparationResult(FusionResult):
         scene = self._scene_working()
         motion_px = None
         if not self.is_flow:
-            b = self._burst
-            corners = np.array([[0, 0, 1], [b.W - 1, 0, 1], [0, b.H - 1, 1], [b.W - 1, b.H - 1, 1]], float).T
-            q = self.homographies @ corners  # (T, 3, 4) canonical positions of each frame's corners
-            q = q[:, :2] / q[:, 2:3]
-            motion_px = float(np.abs(q - q.mean(0)).max())
+            corners = self.outlines()  # (T, 4, 2) each frame's corners in the canonical view's pixels
+            motion_px = float(np.abs(corners - corners.mean(0)).max())
         task = self._model.task
         self._diagnostics = diagnostics_module.separation_diagnostics(
             self._burst.data, rendered["reconstruction"], scene, rendered.get("alpha"),
@@ -1068,7 +1069,8 @@ def _thick_alpha_guarded(config: FitConfig) -> bool:
 def _kept(result, view: _View):
     if result._source is None:  # a loaded result keeps no input, so no frame values either
         return None
-    return result.kept_frame_pixels().astype(np.uint8), {"fraction": round(float(result.kept_frame_pixels().mean()), 5)}
+    kept = result.kept_frame_pixels()
+    return kept.astype(np.uint8), {"fraction": round(float(kept.mean()), 5)}
 
 
 KEPT_CONVENTION = ("(T, H, W) uint8, 1 where the scene keeps the frame's own values (interference included) because "
